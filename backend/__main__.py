@@ -1,0 +1,72 @@
+"""CLI: ``python -m backend <command> --model M --prompt TEXT [--target TOK] --out FILE``.
+
+Each command writes the same JSON object the dashboard page uses. Bad input exits with
+code 2 and a one-line message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import UserInputError
+from .models import DEFAULT_MODEL, ModelHandle, get_model
+
+
+def _lens(handle: ModelHandle, args: argparse.Namespace):
+    from .lens import logit_lens
+
+    return logit_lens(handle, args.prompt, args.target, args.second)
+
+
+def _inspect(handle: ModelHandle, args: argparse.Namespace):
+    from .inspect_prompt import inspect_prompt
+
+    return inspect_prompt(handle, args.prompt, args.target, n_continue=args.continue_tokens)
+
+
+COMMANDS: dict[str, tuple[str, Callable]] = {
+    "lens": ("logit lens: top token and target probability per layer and position", _lens),
+    "inspect": ("tokens, top-20 next tokens, target probability/rank, greedy continuation", _inspect),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m backend", description="Circuitscope analyses as JSON.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, _) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--model", default=DEFAULT_MODEL, help="smollm2, gemma3-270m, a folder, a .gguf or a hub id")
+        cmd.add_argument("--prompt", required=True)
+        cmd.add_argument("--target", default=None, help="one token, e.g. ' Paris' (default: the top prediction)")
+        cmd.add_argument("--out", required=True, type=Path, help="JSON file to write ('-' for stdout)")
+        if name == "lens":
+            cmd.add_argument("--second", default=None, help="a second token whose probability is also tracked")
+        if name == "inspect":
+            cmd.add_argument("--continue-tokens", type=int, default=10, help="greedy continuation length")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        handle = get_model(args.model)
+        result = COMMANDS[args.command][1](handle, args)
+        text = result.to_json()
+        if str(args.out) == "-":
+            sys.stdout.write(text + "\n")
+        else:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Architecture adapter: where each part of a supported causal LM lives.
+
+Every analysis reads and edits models through this map, never through model-specific
+attribute names. Supported families: Llama (Llama, Mistral, Qwen2/3, SmolLM), Gemma 2/3,
+GPT-2 and GPT-NeoX (Pythia; parallel attention + MLP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UserInputError
+
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
+GEMMA_LIKE = {"gemma2", "gemma3_text", "gemma3"}
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """One transformer block.
+
+    attn: the attention module (returns ``(output, weights)``; weights need eager attention).
+    attn_out: the module whose output is what attention adds to the residual stream.
+    o_proj: the output projection; its input is the heads' outputs concatenated.
+    mlp_out: the module whose output is what the MLP adds to the residual stream.
+    down_proj: the MLP's last projection; its input is the neuron activations.
+    """
+
+    block: nn.Module
+    attn: nn.Module
+    attn_out: nn.Module
+    o_proj: nn.Module
+    mlp: nn.Module
+    mlp_out: nn.Module
+    down_proj: nn.Module
+
+
+@dataclass(frozen=True)
+class ArchAdapter:
+    family: str
+    embed: nn.Module
+    layers: tuple[LayerParts, ...]
+    final_norm: nn.Module
+    unembed: nn.Module
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_model: int
+    d_mlp: int
+    parallel: bool
+    gated: bool
+    final_softcap: float | None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def o_proj_weight(self, layer: int) -> torch.Tensor:
+        """Output projection as a [d_model, n_heads * head_dim] matrix."""
+        return _linear_weight(self.layers[layer].o_proj)
+
+    def down_proj_weight(self, layer: int) -> torch.Tensor:
+        """MLP down projection as a [d_model, d_mlp] matrix: column i = neuron i's output direction."""
+        return _linear_weight(self.layers[layer].down_proj)
+
+    def unembed_weight(self) -> torch.Tensor:
+        """Unembedding as a [vocab, d_model] matrix."""
+        return _linear_weight(self.unembed)
+
+    def logits_from_residual(self, resid: torch.Tensor) -> torch.Tensor:
+        """Final norm, unembedding and (Gemma 2) logit soft-capping: the model's own readout."""
+        logits = self.unembed(self.final_norm(resid))
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor:
+    """Weight as [out, in] for both nn.Linear and GPT-2's Conv1D (stored [in, out])."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.T
+    return module.weight
+
+
+def build_adapter(model: nn.Module) -> ArchAdapter:
+    """Map a transformers causal LM onto the adapter, or raise UserInputError if unsupported."""
+    config = model.config
+    model_type = getattr(config, "model_type", "")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if model_type in LLAMA_LIKE or model_type in GEMMA_LIKE:
+        return _llama_or_gemma(model, text_config, gemma=model_type in GEMMA_LIKE)
+    if model_type == "gpt2":
+        return _gpt2(model, config)
+    if model_type == "gpt_neox":
+        return _gpt_neox(model, config)
+    raise UserInputError(
+        f"Architecture '{model_type}' is not supported; supported: "
+        f"{', '.join(sorted(LLAMA_LIKE | GEMMA_LIKE | {'gpt2', 'gpt_neox'}))}."
+    )
+
+
+def _llama_or_gemma(model: nn.Module, config, gemma: bool) -> ArchAdapter:
+    base = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    layers = tuple(
+        LayerParts(
+            block=layer,
+            attn=layer.self_attn,
+            attn_out=layer.post_attention_layernorm if gemma else layer.self_attn,
+            o_proj=layer.self_attn.o_proj,
+            mlp=layer.mlp,
+            mlp_out=layer.post_feedforward_layernorm if gemma else layer.mlp,
+            down_proj=layer.mlp.down_proj,
+        )
+        for layer in base.layers
+    )
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return ArchAdapter(
+        family="gemma" if gemma else "llama",
+        embed=base.embed_tokens,
+        layers=layers,
+        final_norm=base.norm,
+        unembed=model.lm_head,
+        n_heads=n_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim,
+        d_model=config.hidden_size,
+        d_mlp=config.intermediate_size,
+        parallel=False,
+        gated=True,
+        final_softcap=getattr(config, "final_logit_softcapping", None),
+    )
+
+
+def _gpt2(model: nn.Module, config) -> ArchAdapter:
+    base = model.transformer
+    layers = tuple(
+        LayerParts(
+            block=block,
+            attn=block.attn,
+            attn_out=block.attn,
+            o_proj=block.attn.c_proj,
+            mlp=block.mlp,
+            mlp_out=block.mlp,
+            down_proj=block.mlp.c_proj,
+        )
+        for block in base.h
+    )
+    return ArchAdapter(
+        family="gpt2",
+        embed=base.wte,
+        layers=layers,
+        final_norm=base.ln_f,
+        unembed=model.lm_head,
+        n_heads=config.n_head,
+        n_kv_heads=config.n_head,
+        head_dim=config.n_embd // config.n_head,
+        d_model=config.n_embd,
+        d_mlp=config.n_inner or 4 * config.n_embd,
+        parallel=False,
+        gated=False,
+        final_softcap=None,
+    )
+
+
+def _gpt_neox(model: nn.Module, config) -> ArchAdapter:
+    base = model.gpt_neox
+    layers = tuple(
+        LayerParts(
+            block=layer,
+            attn=layer.attention,
+            attn_out=layer.attention,
+            o_proj=layer.attention.dense,
+            mlp=layer.mlp,
+            mlp_out=layer.mlp,
+            down_proj=layer.mlp.dense_4h_to_h,
+        )
+        for layer in base.layers
+    )
+    return ArchAdapter(
+        family="gpt_neox",
+        embed=base.embed_in,
+        layers=layers,
+        final_norm=base.final_layer_norm,
+        unembed=model.embed_out if hasattr(model, "embed_out") else model.lm_head,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=config.num_attention_heads,
+        head_dim=config.hidden_size // config.num_attention_heads,
+        d_model=config.hidden_size,
+        d_mlp=config.intermediate_size,
+        parallel=bool(config.use_parallel_residual),
+        gated=False,
+        final_softcap=None,
+    )

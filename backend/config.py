@@ -1,0 +1,39 @@
+"""Limits and locations, each overridable by an environment variable (listed in the README)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().isdigit() else default
+
+
+def max_prompt_tokens() -> int:
+    """Longest prompt accepted, in tokens (CIRCUITSCOPE_MAX_TOKENS, default 256)."""
+    return _int_env("CIRCUITSCOPE_MAX_TOKENS", 256)
+
+
+def torch_threads() -> int:
+    """Torch intra-op threads (CIRCUITSCOPE_THREADS). Default: half the cores, at least 1.
+
+    On small shared machines one thread was measured faster than two (DESIGN.md, facts).
+    """
+    return _int_env("CIRCUITSCOPE_THREADS", max(1, min(8, (os.cpu_count() or 2) // 2)))
+
+
+def cache_dir() -> Path:
+    """Where converted models live (CIRCUITSCOPE_CACHE, default the user cache directory)."""
+    configured = os.environ.get("CIRCUITSCOPE_CACHE")
+    if configured:
+        return Path(configured)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("circuitscope"))
+
+
+def max_cached_models() -> int:
+    """How many models one process keeps loaded at once (CIRCUITSCOPE_MAX_MODELS, default 2)."""
+    return max(1, _int_env("CIRCUITSCOPE_MAX_MODELS", 2))

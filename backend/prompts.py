@@ -1,0 +1,55 @@
+"""Prompt and token handling: validation with plain messages, readable token strings."""
+
+from __future__ import annotations
+
+from .config import max_prompt_tokens
+from .errors import UserInputError
+from .models import ModelHandle
+
+
+def encode_prompt(handle: ModelHandle, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as the model sees it (the tokenizer's own special tokens)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserInputError("The prompt is empty: type some text.")
+    ids = handle.tokenizer(prompt)["input_ids"]
+    limit = max_prompt_tokens()
+    if len(ids) > limit:
+        raise UserInputError(
+            f"The prompt is {len(ids)} tokens long; the limit is {limit} (set CIRCUITSCOPE_MAX_TOKENS)."
+        )
+    return list(ids)
+
+
+def token_text(handle: ModelHandle, token_id: int) -> str:
+    return handle.tokenizer.decode([int(token_id)])
+
+
+def token_texts(handle: ModelHandle, ids: list[int]) -> list[str]:
+    return [token_text(handle, i) for i in ids]
+
+
+def resolve_token(handle: ModelHandle, text: str) -> int:
+    """The vocabulary id of ``text``, which must be exactly one token.
+
+    Accepts the decoded text (" Paris", leading space included), a raw vocabulary entry
+    ("ĠParis"), or "#1234" for an id.
+    """
+    if text is None or text == "":
+        raise UserInputError("No target token given.")
+    if text.startswith("#") and text[1:].isdigit():
+        token_id = int(text[1:])
+        if token_id >= handle.vocab_size:
+            raise UserInputError(f"Token id {token_id} is outside the vocabulary (size {handle.vocab_size}).")
+        return token_id
+    ids = handle.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1:
+        return int(ids[0])
+    raw = handle.tokenizer.convert_tokens_to_ids(text)
+    unk = getattr(handle.tokenizer, "unk_token_id", None)
+    if isinstance(raw, int) and raw != unk and raw is not None:
+        return raw
+    pieces = " + ".join(repr(token_text(handle, i)) for i in ids) or "nothing"
+    raise UserInputError(
+        f"Target {text!r} is not one token of the vocabulary (it is {len(ids)}: {pieces}); "
+        "type a single token, e.g. ' Paris' with its leading space."
+    )

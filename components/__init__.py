@@ -1,0 +1,1 @@
+"""Rendering of plain data (lists, dicts, numpy arrays) with plotly and streamlit; no torch."""

@@ -1,0 +1,31 @@
+"""Prompt inspector: tokens, next-token distribution, target probability/rank, continuation."""
+
+import streamlit as st
+
+from backend.inspect_prompt import inspect_prompt
+from components.charts import top_tokens_bar
+from components.tokens import token_chips_html, token_rows, visible
+from pages.common import current, show_user_errors
+
+st.title("Prompt inspector")
+selection, handle = current()
+n_continue = st.number_input("Greedy continuation length (tokens)", 0, 200, 20, step=5)
+
+result = show_user_errors(inspect_prompt, handle, selection.prompt, selection.target or None, int(n_continue))
+if result is not None:
+    st.markdown(token_chips_html(result.tokens, result.token_ids), unsafe_allow_html=True)
+    target = result.target
+    cols = st.columns(4)
+    cols[0].metric("Tokens", len(result.tokens))
+    cols[1].metric("Target", visible(target["token"]))
+    cols[2].metric("p(target)", f"{target['prob']:.3f}")
+    cols[3].metric("Rank of target", target["rank"])
+    left, right = st.columns([3, 2])
+    with left:
+        st.subheader("Next-token distribution (top 20)")
+        st.plotly_chart(top_tokens_bar(result.top_predictions, target["id"]), key="top_tokens")
+    with right:
+        st.subheader("Greedy continuation")
+        st.markdown(f"**{selection.prompt}**{result.continuation}")
+        st.subheader("Tokens")
+        st.dataframe(token_rows(result.tokens, result.token_ids), hide_index=True)

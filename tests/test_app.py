@@ -1,0 +1,55 @@
+"""Page tests with streamlit's AppTest: the inspector on the real model, URL state, bad input."""
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+IOI = "When Mary and John went to the store, John gave a drink to"
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture
+def app(smollm2):  # the model is loaded once per process and shared by the app
+    return AppTest.from_file(APP, default_timeout=180)
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_default_prompt_predicts_mary(app):
+    app.run()
+    assert not app.exception and not app.error
+    assert metrics(app)["Target"] == "␣Mary"
+    assert app.query_params["prompt"] in (IOI, [IOI])
+
+
+def test_url_state_seeds_the_sidebar(app):
+    app.query_params["prompt"] = "The capital of France is"
+    app.query_params["target"] = " London"
+    app.run()
+    assert app.text_area(key="prompt_input").value == "The capital of France is"
+    shown = metrics(app)
+    assert shown["Target"] == "␣London" and int(shown["Rank of target"]) > 1
+
+
+# AppTest (streamlit 1.67) drops the entry script's sidebar on a second run() with
+# st.navigation, so each case below is one run seeded through the URL; the typed-input
+# path (several reruns) is covered by the browser test.
+
+
+def test_bad_prompt_and_target_fall_back_with_a_message(app):
+    app.query_params["prompt"] = "   "
+    app.query_params["target"] = " Mary and John"
+    app.run()
+    errors = " ".join(e.value for e in app.error)
+    assert "empty" in errors and "not one token" in errors
+    assert metrics(app)["Target"] == "␣Mary" and not app.exception  # default prompt, top prediction
+
+
+def test_unknown_model_falls_back_with_a_message(app):
+    app.query_params["model"] = "/no/such/folder"
+    app.run()
+    assert any("Unknown model" in e.value for e in app.error)
+    assert metrics(app)["Target"] == "␣Mary" and not app.exception

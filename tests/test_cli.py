@@ -1,0 +1,46 @@
+"""The CLI writes the documented JSON and exits 2 with one line on bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend.__main__ import main
+from tests.conftest import FRANCE_PROMPT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lens_json(smollm2, tmp_path):
+    out = tmp_path / "lens.json"
+    assert main(["lens", "--model", "smollm2", "--prompt", FRANCE_PROMPT, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["tokens"] == ["The", " capital", " of", " France", " is"]
+    assert data["top_predictions"][0]["token"] == " Paris"
+    assert {"token", "prob"} <= set(data["top_predictions"][0])
+    assert len(data["target_prob"]) == 31 and len(data["target_prob"][0]) == 5
+    assert len(data["top_token"]) == 31 and data["top_token"][-1][-1] == " Paris"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "   "], "empty"),
+        (["--prompt", FRANCE_PROMPT, "--target", " Paris is"], "not one token"),
+        (["--prompt", FRANCE_PROMPT, "--model", "no-such-model"], "Unknown model"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "backend", "lens", *args, "--out", str(tmp_path / "x.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert not (tmp_path / "x.json").exists()

@@ -1,0 +1,42 @@
+"""Logit lens: exact on its last row, consistent ranks, and a JSON round trip."""
+
+import numpy as np
+import torch
+
+from backend.lens import LensResult, logit_lens
+from backend.trace import run_trace
+
+PROMPT = "The capital of France is Paris"
+
+
+def test_last_row_is_the_model_output_distribution(tiny):
+    lens = logit_lens(tiny, PROMPT)
+    trace = run_trace(tiny, PROMPT)
+    probs = torch.as_tensor(trace.logits).softmax(-1).numpy()
+    target = lens.target["id"]
+    np.testing.assert_allclose(lens.target_prob[-1], probs[:, target], atol=1e-5)
+    assert lens.top_prob.shape == (tiny.adapter.n_layers + 1, len(lens.tokens))
+    np.testing.assert_allclose(lens.top_prob[-1], probs.max(-1), atol=1e-5)
+    assert lens.target == {"token": tiny.tokenizer.decode([int(probs[-1].argmax())]), "id": int(probs[-1].argmax())}
+
+
+def test_ranks_agree_with_probabilities(tiny_llama):
+    lens = logit_lens(tiny_llama, PROMPT, target=" Mary", second=" John")
+    top_cells = lens.target_rank == 1
+    np.testing.assert_allclose(lens.target_prob[top_cells], lens.top_prob[top_cells], atol=1e-6)
+    assert (lens.target_prob[~top_cells] < lens.top_prob[~top_cells] + 1e-7).all()
+    assert lens.second["token"] == " John" and lens.second_prob.shape == lens.target_prob.shape
+    assert all(row[0] == cell for rows, tops in zip(lens.top10_tokens, lens.top_token) for row, cell in zip(rows, tops))
+
+
+def test_json_round_trip(tiny_llama):
+    lens = logit_lens(tiny_llama, PROMPT)
+    again = LensResult.from_json(lens.to_json())
+    assert again.tokens == lens.tokens and again.top_token == lens.top_token
+    np.testing.assert_allclose(again.target_prob, lens.target_prob)
+    assert again.to_json() == lens.to_json()
+
+
+def test_repeat_is_served_from_cache(tiny_llama):
+    first = logit_lens(tiny_llama, PROMPT + " again")
+    assert logit_lens(tiny_llama, PROMPT + " again") is first
