@@ -7,6 +7,7 @@ GPT-2 and GPT-NeoX (Pythia; parallel attention + MLP).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,12 @@ class LayerParts:
     o_proj: the output projection; its input is the heads' outputs concatenated.
     mlp_out: the module whose output is what the MLP adds to the residual stream.
     down_proj: the MLP's last projection; its input is the neuron activations.
+    qk: modules whose outputs hold the queries and keys, each with a boolean mask over the
+        last dimension marking the query/key part (None = the whole output). Freezing these
+        outputs freezes the attention pattern and leaves the value path live.
+    gate: the MLP's first projection (gate_proj, or c_fc / dense_h_to_4h when not gated).
+    up: the up projection of a gated MLP (None otherwise).
+    act: the MLP nonlinearity; neurons = act(gate(x)) * up(x), or act(gate(x)).
     """
 
     block: nn.Module
@@ -36,11 +43,18 @@ class LayerParts:
     mlp: nn.Module
     mlp_out: nn.Module
     down_proj: nn.Module
+    qk: tuple[tuple[nn.Module, torch.Tensor | None], ...]
+    gate: nn.Module
+    up: nn.Module | None
+    act: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class ArchAdapter:
+    """``base`` is the decoder stack: its output is the final-normed residual stream."""
+
     family: str
+    base: nn.Module
     embed: nn.Module
     layers: tuple[LayerParts, ...]
     final_norm: nn.Module
@@ -113,6 +127,10 @@ def _llama_or_gemma(model: nn.Module, config, gemma: bool) -> ArchAdapter:
             mlp=layer.mlp,
             mlp_out=layer.post_feedforward_layernorm if gemma else layer.mlp,
             down_proj=layer.mlp.down_proj,
+            qk=((layer.self_attn.q_proj, None), (layer.self_attn.k_proj, None)),
+            gate=layer.mlp.gate_proj,
+            up=layer.mlp.up_proj,
+            act=layer.mlp.act_fn,
         )
         for layer in base.layers
     )
@@ -120,6 +138,7 @@ def _llama_or_gemma(model: nn.Module, config, gemma: bool) -> ArchAdapter:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     return ArchAdapter(
         family="gemma" if gemma else "llama",
+        base=base,
         embed=base.embed_tokens,
         layers=layers,
         final_norm=base.norm,
@@ -137,6 +156,8 @@ def _llama_or_gemma(model: nn.Module, config, gemma: bool) -> ArchAdapter:
 
 def _gpt2(model: nn.Module, config) -> ArchAdapter:
     base = model.transformer
+    d_model = config.n_embd
+    qk_mask = torch.arange(3 * d_model) < 2 * d_model  # c_attn output = [q | k | v]
     layers = tuple(
         LayerParts(
             block=block,
@@ -146,11 +167,16 @@ def _gpt2(model: nn.Module, config) -> ArchAdapter:
             mlp=block.mlp,
             mlp_out=block.mlp,
             down_proj=block.mlp.c_proj,
+            qk=((block.attn.c_attn, qk_mask),),
+            gate=block.mlp.c_fc,
+            up=None,
+            act=block.mlp.act,
         )
         for block in base.h
     )
     return ArchAdapter(
         family="gpt2",
+        base=base,
         embed=base.wte,
         layers=layers,
         final_norm=base.ln_f,
@@ -168,6 +194,9 @@ def _gpt2(model: nn.Module, config) -> ArchAdapter:
 
 def _gpt_neox(model: nn.Module, config) -> ArchAdapter:
     base = model.gpt_neox
+    head_dim = config.hidden_size // config.num_attention_heads
+    # query_key_value output, viewed per head, is [q | k | v] of head_dim each
+    qk_mask = (torch.arange(3 * config.hidden_size) % (3 * head_dim)) < 2 * head_dim
     layers = tuple(
         LayerParts(
             block=layer,
@@ -177,18 +206,23 @@ def _gpt_neox(model: nn.Module, config) -> ArchAdapter:
             mlp=layer.mlp,
             mlp_out=layer.mlp,
             down_proj=layer.mlp.dense_4h_to_h,
+            qk=((layer.attention.query_key_value, qk_mask),),
+            gate=layer.mlp.dense_h_to_4h,
+            up=None,
+            act=layer.mlp.act,
         )
         for layer in base.layers
     )
     return ArchAdapter(
         family="gpt_neox",
+        base=base,
         embed=base.embed_in,
         layers=layers,
         final_norm=base.final_layer_norm,
         unembed=model.embed_out if hasattr(model, "embed_out") else model.lm_head,
         n_heads=config.num_attention_heads,
         n_kv_heads=config.num_attention_heads,
-        head_dim=config.hidden_size // config.num_attention_heads,
+        head_dim=head_dim,
         d_model=config.hidden_size,
         d_mlp=config.intermediate_size,
         parallel=bool(config.use_parallel_residual),
