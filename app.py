@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import sidebar
+from views.common import sidebar
 
 st.set_page_config(page_title="Circuitscope", layout="wide")
 
 PAGES = [
-    st.Page("pages/inspector.py", title="Prompt inspector", url_path="inspector", default=True),
+    st.Page("views/inspector.py", title="Prompt inspector", url_path="inspector", default=True),
+    st.Page("views/graph.py", title="Attribution graph", url_path="graph"),
 ]
 
 navigation = st.navigation(PAGES)

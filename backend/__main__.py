@@ -7,6 +7,7 @@ code 2 and a one-line message on stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -28,8 +29,17 @@ def _inspect(handle: ModelHandle, args: argparse.Namespace):
     return inspect_prompt(handle, args.prompt, args.target, n_continue=args.continue_tokens)
 
 
+def _graph(handle: ModelHandle, args: argparse.Namespace):
+    from .graph import attribution_graph
+    from .graph_json import to_graph_json, view_from_graph
+
+    graph = attribution_graph(handle, args.prompt, args.target, wrong=args.wrong, max_nodes=args.max_nodes)
+    return to_graph_json(view_from_graph(graph, args.node_threshold, args.edge_threshold))
+
+
 COMMANDS: dict[str, tuple[str, Callable]] = {
     "lens": ("logit lens: top token and target probability per layer and position", _lens),
+    "graph": ("neuron-level attribution graph, circuit-tracer / Neuronpedia JSON", _graph),
     "inspect": ("tokens, top-20 next tokens, target probability/rank, greedy continuation", _inspect),
 }
 
@@ -45,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--out", required=True, type=Path, help="JSON file to write ('-' for stdout)")
         if name == "lens":
             cmd.add_argument("--second", default=None, help="a second token whose probability is also tracked")
+        if name == "graph":
+            cmd.add_argument("--max-nodes", type=int, default=200, help="neuron nodes K (default 200)")
+            cmd.add_argument("--wrong", default=None, help="attribute logit(target) - logit(wrong)")
+            cmd.add_argument("--node-threshold", type=float, default=0.8)
+            cmd.add_argument("--edge-threshold", type=float, default=0.98)
         if name == "inspect":
             cmd.add_argument("--continue-tokens", type=int, default=10, help="greedy continuation length")
     return parser
@@ -56,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handle = get_model(args.model)
         result = COMMANDS[args.command][1](handle, args)
-        text = result.to_json()
+        text = json.dumps(result) if isinstance(result, dict) else result.to_json()
         if str(args.out) == "-":
             sys.stdout.write(text + "\n")
         else:

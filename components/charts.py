@@ -33,3 +33,29 @@ def top_tokens_bar(predictions: list[dict], highlight_id: int | None = None, tit
         margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 40},
     )
     return fig
+
+
+def activation_bars(tokens: list[str], values, title: str = "") -> go.Figure:
+    """One bar per prompt position (labelled with its token), coloured by sign."""
+    values = [float(v) for v in values]
+    fig = go.Figure(
+        go.Bar(
+            x=list(range(len(tokens))),
+            y=values,
+            marker_color=[BASE if v >= 0 else HIGHLIGHT for v in values],
+            hovertemplate="%{customdata}: %{y:.4g}<extra></extra>",
+            customdata=[visible(t) for t in tokens],
+        )
+    )
+    fig.update_layout(
+        title=title,
+        height=260,
+        margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
+        xaxis={"tickmode": "array", "tickvals": list(range(len(tokens))), "ticktext": [visible(t) for t in tokens]},
+    )
+    return fig
+
+
+def token_score_table(rows: list[dict]) -> list[dict]:
+    """Rows {token, id, score} with visible whitespace, for st.dataframe."""
+    return [{"token": visible(r["token"]), "id": r["id"], "score": round(r["score"], 4)} for r in rows]

@@ -53,3 +53,22 @@ def test_unknown_model_falls_back_with_a_message(app):
     app.run()
     assert any("Unknown model" in e.value for e in app.error)
     assert metrics(app)["Target"] == "␣Mary" and not app.exception
+
+
+def test_graph_page_reopens_the_selected_and_pinned_nodes_from_the_url(app, smollm2):
+    from backend.graph import attribution_graph
+    from backend.graph_json import view_from_graph
+
+    view = view_from_graph(attribution_graph(smollm2, "The capital of France is", " Paris", max_nodes=40))
+    neuron = next(n for n in view.nodes if n["kind"] == "neuron")
+    app.switch_page("views/graph.py")
+    app.query_params.update(
+        prompt="The capital of France is", target=" Paris", k="40", node=neuron["node_id"],
+        pinned=neuron["node_id"], supernodes='[["capital facts", "%s"]]' % neuron["node_id"],
+    )
+    app.run()
+    assert not app.exception and not app.error
+    assert any(h.value == neuron["label"] for h in app.subheader)
+    assert app.multiselect(key="pinned_editor").value == [neuron["node_id"]]
+    assert any("capital facts" in m.value for m in app.markdown)
+    assert {m.label for m in app.metric} >= {"Replacement", "Completeness", "Nodes shown"}

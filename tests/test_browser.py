@@ -40,3 +40,23 @@ def test_default_prompt_shows_mary_then_a_typed_prompt_survives_reload(app_url, 
         wait_until_idle(page)
         assert page.get_by_role("textbox", name="Prompt", exact=True).input_value() == "The capital of France is"
         expect(metric(page, "Target")).to_have_text("␣Paris", timeout=60_000)
+
+
+def test_clicking_a_graph_node_opens_its_details_and_the_link_keeps_it(app_url):
+    url = f"{app_url}/graph?prompt=The+capital+of+France+is&target=+Paris&k=60"
+    with chromium_page(height=1100) as page:
+        page.goto(url)
+        page.get_by_text("Nodes shown").wait_for(timeout=180_000)
+        wait_until_idle(page)
+        expect(page.get_by_text("Click a node in the graph")).to_be_visible()
+        page.locator("[data-testid='stPlotlyChart'] path.point").nth(20).click(force=True)
+        page.get_by_text("Strongest incoming edges").wait_for(timeout=60_000)
+        page.wait_for_function("() => window.location.search.includes('node=')", timeout=30_000)
+        wait_until_idle(page)
+        shared_link = page.url
+        heading = page.locator("h3").filter(has_text="@").first.inner_text()
+
+    with chromium_page(height=1100) as fresh:  # a collaborator opens the link
+        fresh.goto(shared_link)
+        fresh.get_by_text("Strongest incoming edges").wait_for(timeout=180_000)
+        expect(fresh.locator("h3").filter(has_text="@").first).to_have_text(heading)

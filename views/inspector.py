@@ -5,7 +5,7 @@ import streamlit as st
 from backend.inspect_prompt import inspect_prompt
 from components.charts import top_tokens_bar
 from components.tokens import token_chips_html, token_rows, visible
-from pages.common import current, show_user_errors
+from views.common import current, show_user_errors
 
 st.title("Prompt inspector")
 selection, handle = current()

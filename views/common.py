@@ -132,3 +132,30 @@ def show_user_errors(fn, *args, **kwargs):
     except UserInputError as exc:
         st.error(str(exc))
         return None
+
+
+def url_state(key: str, default, parse=str):
+    """A page setting kept in the session and the URL: seeded once from ``?key=``."""
+    state_key = f"url_{key}"
+    if state_key not in st.session_state:
+        raw = st.query_params.get(key)
+        try:
+            st.session_state[state_key] = parse(raw) if raw is not None else default
+        except (ValueError, TypeError):
+            st.session_state[state_key] = default
+    return st.session_state[state_key]
+
+
+def set_url_state(key: str, value, render=str) -> None:
+    """Store a page setting in the session and write it to the URL (removed when empty)."""
+    st.session_state[f"url_{key}"] = value
+    write_url(key, value, render)
+
+
+def write_url(key: str, value, render=str) -> None:
+    """Write one setting to the URL (for widgets whose key is ``url_<key>``)."""
+    text = render(value) if value not in (None, "", [], {}) else ""
+    if text:
+        st.query_params[key] = text
+    elif key in st.query_params:
+        del st.query_params[key]

@@ -1,0 +1,66 @@
+"""Single-neuron views: activation over the prompt, and the tokens a neuron's output
+direction promotes and suppresses directly (through the final norm's weight and the
+unembedding; the norm's scale is a positive per-position factor and does not change the order)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cache import results_cache
+from .errors import UserInputError
+from .models import ModelHandle
+from .prompts import token_text
+from .results import JsonResult
+from .trace import Trace, run_trace
+
+
+@dataclass
+class NeuronView(JsonResult):
+    layer: int
+    neuron: int
+    tokens: list[str]
+    activations: np.ndarray  # [positions]
+    promotes: list[dict]  # {token, id, score}, most promoted first
+    suppresses: list[dict]  # most suppressed first
+
+
+def cached_trace(handle: ModelHandle, prompt: str) -> Trace:
+    """Full trace (patterns, heads, neurons) of ``prompt``, cached."""
+    key = ("trace", handle.name, id(handle.model), prompt)
+    return results_cache.get_or_compute(key, lambda: run_trace(handle, prompt, patterns=True, heads=True, neurons=True))
+
+
+@torch.no_grad()
+def direction_logit_scores(handle: ModelHandle, direction: torch.Tensor) -> torch.Tensor:
+    """Direct effect of a unit write along ``direction`` on every logit: W_U (w_norm ⊙ d)."""
+    norm = handle.adapter.final_norm
+    weight = getattr(norm, "weight", None)
+    if weight is not None:
+        direction = direction * (1.0 + weight if type(norm).__name__.startswith("Gemma") else weight)
+    return handle.adapter.unembed_weight() @ direction
+
+
+def top_tokens(handle: ModelHandle, scores: torch.Tensor, k: int, largest: bool) -> list[dict]:
+    values, ids = scores.topk(k, largest=largest)
+    return [{"token": token_text(handle, int(i)), "id": int(i), "score": float(v)} for v, i in zip(values, ids)]
+
+
+def neuron_view(handle: ModelHandle, prompt: str, layer: int, neuron: int, k: int = 10) -> NeuronView:
+    adapter = handle.adapter
+    if not 0 <= layer < adapter.n_layers or not 0 <= neuron < adapter.d_mlp:
+        raise UserInputError(
+            f"No neuron L{layer}/N{neuron}: layers 0..{adapter.n_layers - 1}, neurons 0..{adapter.d_mlp - 1}."
+        )
+    trace = cached_trace(handle, prompt)
+    scores = direction_logit_scores(handle, adapter.down_proj_weight(layer)[:, neuron])
+    return NeuronView(
+        layer=layer,
+        neuron=neuron,
+        tokens=trace.tokens,
+        activations=trace.neurons[layer, :, neuron].copy(),
+        promotes=top_tokens(handle, scores, k, largest=True),
+        suppresses=top_tokens(handle, scores, k, largest=False),
+    )

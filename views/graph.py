@@ -1,0 +1,170 @@
+"""Attribution graph page: compute (or open) a neuron-level graph and explore it by clicking."""
+
+import json
+
+import streamlit as st
+
+from backend.errors import UserInputError
+from backend.graph import attribution_graph
+from backend.graph_json import GraphView, parse_graph_json, to_graph_json, view_from_graph
+from backend.neurons import neuron_view
+from components.charts import activation_bars, token_score_table
+from components.graph_view import edges_of, graph_figure, selected_node_id
+from views.common import current, set_url_state, show_user_errors, url_state, write_url
+
+st.title("Attribution graph")
+selection, handle = current()
+
+
+def _csv(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
+
+
+pinned: list[str] = url_state("pinned", [], _csv)
+supernodes: list[list[str]] = url_state("supernodes", [], json.loads)
+selected: str = url_state("node", "")
+url_state("k", 200, int)
+url_state("nt", 0.8, float)
+url_state("et", 0.98, float)
+url_state("wrong", "")
+
+with st.expander("Settings", expanded=False):
+    cols = st.columns(5)
+    cols[0].number_input("Neuron nodes (K)", 1, 2000, step=50, key="url_k",
+                         help="Neurons ranked by total attribution to the targets; the rest become 'other neurons' nodes.")
+    cols[1].text_input("Wrong token (logit difference)", key="url_wrong",
+                       help="With a target token set in the sidebar: attribute logit(target) − logit(wrong).")
+    cols[2].slider("Node threshold", 0.1, 1.0, step=0.01, key="url_nt")
+    cols[3].slider("Edge threshold", 0.1, 1.0, step=0.005, key="url_et")
+    max_links = cols[4].slider("Edges drawn (strongest)", 50, 3000, 400, step=50)
+    uploaded = st.file_uploader("Open a circuit-tracer / Neuronpedia graph JSON instead", type=["json"])
+for key in ("k", "nt", "et", "wrong"):
+    write_url(key, st.session_state[f"url_{key}"])
+
+
+def compute_view() -> GraphView | None:
+    if uploaded is not None:
+        return show_user_errors(parse_graph_json, uploaded.getvalue())
+    bar = st.progress(0.0, text="Computing the attribution graph")
+    try:
+        graph = attribution_graph(
+            handle,
+            selection.prompt,
+            selection.target or None,
+            wrong=st.session_state.url_wrong.strip() or None,
+            max_nodes=int(st.session_state.url_k),
+            progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
+        )
+        return view_from_graph(graph, st.session_state.url_nt, st.session_state.url_et)
+    except UserInputError as exc:
+        st.error(str(exc))
+        return None
+    finally:
+        bar.empty()
+
+
+view = compute_view()
+if view is None:
+    st.stop()
+
+known_ids = {n["node_id"] for n in view.nodes}
+pinned = [p for p in pinned if p in known_ids] or pinned
+meta = view.metadata
+scores = meta.get("scores", {})
+cols = st.columns(5)
+cols[0].metric("Nodes shown", len(view.nodes))
+cols[1].metric("Links", len(view.links))
+cols[2].metric("Replacement", f"{scores['replacement']:.3f}" if "replacement" in scores else "–")
+cols[3].metric("Completeness", f"{scores['completeness']:.3f}" if "completeness" in scores else "–")
+cols[4].metric("Computed in", f"{meta['timings']['total_s']:.1f} s" if "timings" in meta else "imported")
+
+filters = st.columns([3, 1])
+kinds = filters[0].multiselect(
+    "Node kinds", ["embedding", "neuron", "other", "bias", "logit"], ["embedding", "neuron", "other", "bias", "logit"]
+)
+only_pinned = filters[1].toggle("Pinned subgraph only", value=False, disabled=not pinned)
+shown = [n for n in view.nodes if n["kind"] in kinds and (not only_pinned or n["node_id"] in pinned or n["kind"] == "logit")]
+labels = {member: name for name, *members in supernodes for member in members}
+
+left, right = st.columns([3, 2])
+with left:
+    figure = graph_figure(
+        shown, view.links, view.tokens, selected=selected, pinned=set(pinned), labels=labels, max_links=max_links
+    )
+    event = st.plotly_chart(figure, key="graph_chart", on_select="rerun", selection_mode="points")
+    clicked = selected_node_id(event)
+    if clicked and clicked != st.session_state.get("graph_last_click"):
+        st.session_state.graph_last_click = clicked
+        set_url_state("node", clicked)
+        st.rerun()
+
+
+def select(node_id: str) -> None:
+    set_url_state("node", node_id)
+
+
+def toggle_pin(node_id: str) -> None:
+    set_url_state("pinned", [p for p in pinned if p != node_id] if node_id in pinned else pinned + [node_id], ",".join)
+
+
+def edge_buttons(node_id: str, direction: str) -> None:
+    for i, link in enumerate(edges_of(node_id, view.links, direction)):
+        other = link["source"] if direction == "in" else link["target"]
+        node = view.node(other)
+        name = node["label"] if node else other
+        arrow = "←" if direction == "in" else "→"
+        st.button(f"{arrow} {name}   ({link['weight']:+.3g})", key=f"edge_{direction}_{i}", on_click=select, args=(other,))
+
+
+with right:
+    node = view.node(selected) if selected else None
+    if node is None:
+        st.info("Click a node in the graph to see what feeds it and what it feeds.")
+    else:
+        st.subheader(node["label"])
+        st.caption(f"{node['kind']} · layer {node['layer']} · position {node['ctx_idx']} · id {node['node_id']}")
+        facts = st.columns(2)
+        if node.get("activation") is not None:
+            facts[0].metric("Activation", f"{node['activation']:.4g}")
+        if node.get("influence") is not None:
+            facts[1].metric("Cumulative influence", f"{node['influence']:.3f}")
+        st.button("Unpin" if node["node_id"] in pinned else "Pin", on_click=toggle_pin, args=(node["node_id"],))
+        st.markdown("**Strongest incoming edges**")
+        edge_buttons(node["node_id"], "in")
+        st.markdown("**Strongest outgoing edges**")
+        edge_buttons(node["node_id"], "out")
+        if node["kind"] == "neuron" and meta.get("scan") == handle.name:
+            detail = show_user_errors(neuron_view, handle, selection.prompt, node["layer"], int(node["feature"]))
+            if detail is not None:
+                st.plotly_chart(activation_bars(detail.tokens, detail.activations, "Activation over the prompt"),
+                                key="neuron_acts")
+                promote, suppress = st.columns(2)
+                promote.markdown("**Promotes**")
+                promote.dataframe(token_score_table(detail.promotes), hide_index=True)
+                suppress.markdown("**Suppresses**")
+                suppress.dataframe(token_score_table(detail.suppresses), hide_index=True)
+
+st.subheader("Pinned nodes and supernodes")
+pin_cols = st.columns([2, 2])
+with pin_cols[0]:
+    chosen = st.multiselect("Pinned", sorted(known_ids | set(pinned)), default=pinned, key="pinned_editor")
+    if chosen != pinned:
+        set_url_state("pinned", chosen, ",".join)
+        st.rerun()
+with pin_cols[1]:
+    with st.form("supernode_form", clear_on_submit=True):
+        name = st.text_input("Supernode name")
+        members = st.multiselect("Members (pinned nodes)", pinned)
+        if st.form_submit_button("Group into a supernode") and name.strip() and members:
+            set_url_state("supernodes", supernodes + [[name.strip(), *members]], json.dumps)
+            st.rerun()
+    for i, (group, *members) in enumerate(supernodes):
+        row = st.columns([4, 1])
+        row[0].markdown(f"**{group}**: {', '.join(members)}")
+        if row[1].button("Remove", key=f"remove_supernode_{i}"):
+            set_url_state("supernodes", supernodes[:i] + supernodes[i + 1 :], json.dumps)
+            st.rerun()
+
+exported = to_graph_json(view, pinned=pinned, supernodes=supernodes, clicked=selected)
+st.download_button("Download graph JSON (Neuronpedia schema)", json.dumps(exported), file_name="attribution-graph.json",
+                   mime="application/json")
