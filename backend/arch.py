@@ -34,6 +34,7 @@ class LayerParts:
     gate: the MLP's first projection (gate_proj, or c_fc / dense_h_to_4h when not gated).
     up: the up projection of a gated MLP (None otherwise).
     act: the MLP nonlinearity; neurons = act(gate(x)) * up(x), or act(gate(x)).
+    mlp_norm: the norm in front of the MLP; its input is the residual stream the MLP reads.
     """
 
     block: nn.Module
@@ -47,6 +48,7 @@ class LayerParts:
     gate: nn.Module
     up: nn.Module | None
     act: Callable[[torch.Tensor], torch.Tensor]
+    mlp_norm: nn.Module
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ def _llama_or_gemma(model: nn.Module, config, gemma: bool) -> ArchAdapter:
             gate=layer.mlp.gate_proj,
             up=layer.mlp.up_proj,
             act=layer.mlp.act_fn,
+            mlp_norm=layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm,
         )
         for layer in base.layers
     )
@@ -171,6 +174,7 @@ def _gpt2(model: nn.Module, config) -> ArchAdapter:
             gate=block.mlp.c_fc,
             up=None,
             act=block.mlp.act,
+            mlp_norm=block.ln_2,
         )
         for block in base.h
     )
@@ -210,6 +214,7 @@ def _gpt_neox(model: nn.Module, config) -> ArchAdapter:
             gate=layer.mlp.dense_h_to_4h,
             up=None,
             act=layer.mlp.act,
+            mlp_norm=layer.post_attention_layernorm,
         )
         for layer in base.layers
     )

@@ -76,6 +76,11 @@ def _node_id(graph: AttributionGraph, index: int) -> str:
     return f"{graph.n_layers + 1}_{target['id']}_{pos}"
 
 
+def node_ids(graph: AttributionGraph) -> list[str]:
+    """The Neuronpedia node_id of every node of ``graph``, in adjacency order."""
+    return [_node_id(graph, i) for i in range(graph.n_nodes)]
+
+
 def _view_node(graph: AttributionGraph, index: int, influence: float) -> dict:
     kind = graph.node_kind(index)
     layer, pos = graph.node_position(index)

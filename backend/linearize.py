@@ -45,7 +45,9 @@ class LinearRun:
     autograd graph); ``neuron_inputs[l]`` is what the down projection received: the leaf in
     direct mode, else ``neurons[l]`` itself. ``embed`` is block 0's input (a leaf in either
     mode, so gradients exist in both modes). ``final`` is the final-normed residual stream; ``logits`` the last position's
-    logits before any soft-capping. ``heads[l]`` (if asked) is the o_proj input [B,P,H*hd]."""
+    logits before any soft-capping. ``heads[l]`` (if asked) is the o_proj input [B,P,H*hd];
+    ``reads[l]`` (if asked) the residual stream layer l's MLP reads (its norm's input), and
+    ``reads[L]`` the one the unembedding reads (the final norm's input)."""
 
     embed: torch.Tensor
     neurons: list[torch.Tensor]
@@ -53,6 +55,7 @@ class LinearRun:
     final: torch.Tensor
     logits: torch.Tensor
     heads: list[torch.Tensor] | None = None
+    reads: list[torch.Tensor] | None = None
 
 
 def norm_modules(handle: ModelHandle) -> list[nn.Module]:
@@ -138,6 +141,7 @@ def linear_forward(
     embed_value: torch.Tensor | None = None,
     neuron_values: list[torch.Tensor | None] | None = None,
     capture_heads: bool = False,
+    capture_reads: bool = False,
 ) -> LinearRun:
     """Replay the clean prompt through the frozen-gain linearization (with gradients).
 
@@ -150,6 +154,7 @@ def linear_forward(
     neurons: list = [None] * n_layers
     neuron_inputs: list = [None] * n_layers
     heads: list = [None] * n_layers
+    reads: list = [None] * (n_layers + 1)
     embed: list = [None]
 
     def replay_norm(module, args, output):
@@ -187,9 +192,9 @@ def linear_forward(
         embed[0] = value
         return (value,) + tuple(args[1:])
 
-    def keep_heads(layer: int):
+    def keep_input(store: list, layer: int):
         def fn(module, args):
-            heads[layer] = args[0]
+            store[layer] = args[0]
 
         return fn
 
@@ -200,7 +205,11 @@ def linear_forward(
         hooks += [Hook(m, "forward", keep_mlp_input) for m in (parts.gate, parts.up) if m is not None]
         hooks.append(Hook(parts.down_proj, "pre", replay_neurons(layer, parts)))
         if capture_heads:
-            hooks.append(Hook(parts.o_proj, "pre", keep_heads(layer)))
+            hooks.append(Hook(parts.o_proj, "pre", keep_input(heads, layer)))
+        if capture_reads:
+            hooks.append(Hook(parts.mlp_norm, "pre", keep_input(reads, layer)))
+    if capture_reads:
+        hooks.append(Hook(adapter.final_norm, "pre", keep_input(reads, n_layers)))
     input_ids = frozen.input_ids.expand(batch, -1)
     with hooked(handle, hooks), torch.enable_grad():
         final = adapter.base(input_ids, use_cache=False).last_hidden_state
@@ -212,4 +221,5 @@ def linear_forward(
         final=final,
         logits=logits,
         heads=heads if capture_heads else None,
+        reads=reads if capture_reads else None,
     )

@@ -59,3 +59,25 @@ def activation_bars(tokens: list[str], values, title: str = "") -> go.Figure:
 def token_score_table(rows: list[dict]) -> list[dict]:
     """Rows {token, id, score} with visible whitespace, for st.dataframe."""
     return [{"token": visible(r["token"]), "id": r["id"], "score": round(r["score"], 4)} for r in rows]
+
+
+def head_grid(values, title: str = "", row_name: str = "layer", col_name: str = "head") -> go.Figure:
+    """A rows x columns heatmap with a symmetric diverging colour scale (0 = white)."""
+    import numpy as np
+
+    matrix = np.asarray(values, dtype=float)
+    bound = float(np.abs(matrix).max()) or 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=matrix,
+            x=[f"{col_name[0].upper()}{i}" for i in range(matrix.shape[1])],
+            y=[f"{row_name[0].upper()}{i}" for i in range(matrix.shape[0])],
+            colorscale="RdBu",
+            zmid=0,
+            zmin=-bound,
+            zmax=bound,
+            hovertemplate=f"{row_name} %{{y}}, {col_name} %{{x}}: %{{z:.4g}}<extra></extra>",
+        )
+    )
+    fig.update_layout(title=title, height=max(250, 14 * matrix.shape[0] + 80), margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    return fig

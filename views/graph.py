@@ -6,9 +6,11 @@ import streamlit as st
 
 from backend.errors import UserInputError
 from backend.graph import attribution_graph
-from backend.graph_json import GraphView, parse_graph_json, to_graph_json, view_from_graph
+from backend.edge_heads import edge_heads
+from backend.graph import AttributionGraph
+from backend.graph_json import GraphView, node_ids, parse_graph_json, to_graph_json, view_from_graph
 from backend.neurons import neuron_view
-from components.charts import activation_bars, token_score_table
+from components.charts import activation_bars, head_grid, token_score_table
 from components.graph_view import edges_of, graph_figure, selected_node_id
 from views.common import current, set_url_state, show_user_errors, url_state, write_url
 
@@ -42,9 +44,10 @@ for key in ("k", "nt", "et", "wrong"):
     write_url(key, st.session_state[f"url_{key}"])
 
 
-def compute_view() -> GraphView | None:
+def compute_graph() -> tuple[GraphView | None, AttributionGraph | None]:
+    """The view to draw, and the full graph behind it (None for an imported file)."""
     if uploaded is not None:
-        return show_user_errors(parse_graph_json, uploaded.getvalue())
+        return show_user_errors(parse_graph_json, uploaded.getvalue()), None
     bar = st.progress(0.0, text="Computing the attribution graph")
     try:
         graph = attribution_graph(
@@ -55,15 +58,15 @@ def compute_view() -> GraphView | None:
             max_nodes=int(st.session_state.url_k),
             progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
         )
-        return view_from_graph(graph, st.session_state.url_nt, st.session_state.url_et)
+        return view_from_graph(graph, st.session_state.url_nt, st.session_state.url_et), graph
     except UserInputError as exc:
         st.error(str(exc))
-        return None
+        return None, None
     finally:
         bar.empty()
 
 
-view = compute_view()
+view, graph = compute_graph()
 if view is None:
     st.stop()
 
@@ -116,6 +119,17 @@ def edge_buttons(node_id: str, direction: str) -> None:
         st.button(f"{arrow} {name}   ({link['weight']:+.3g})", key=f"edge_{direction}_{i}", on_click=select, args=(other,))
 
 
+def show_edge_heads(target_id: str, incoming: list[dict]) -> None:
+    """Split one incoming edge over the attention heads that carry it."""
+    names = {l["source"]: (view.node(l["source"]) or {"label": l["source"]})["label"] for l in incoming}
+    source_id = st.selectbox("Which heads carry the edge from…", list(names), format_func=names.get, key="edge_source")
+    index = {node_id: i for i, node_id in enumerate(node_ids(graph))}
+    split = show_user_errors(edge_heads, handle, graph, index[source_id], index[target_id])
+    if split is not None:
+        st.caption(f"edge {split.edge:+.4g} = heads {split.heads.sum():+.4g} + residual stream only {split.residual:+.4g}")
+        st.plotly_chart(head_grid(split.heads, "Direct effect by last attention hop"), key="edge_heads_grid")
+
+
 with right:
     node = view.node(selected) if selected else None
     if node is None:
@@ -133,6 +147,9 @@ with right:
         edge_buttons(node["node_id"], "in")
         st.markdown("**Strongest outgoing edges**")
         edge_buttons(node["node_id"], "out")
+        incoming = edges_of(node["node_id"], view.links, "in")
+        if graph is not None and incoming:
+            show_edge_heads(node["node_id"], incoming)
         if node["kind"] == "neuron" and meta.get("scan") == handle.name:
             detail = show_user_errors(neuron_view, handle, selection.prompt, node["layer"], int(node["feature"]))
             if detail is not None:
