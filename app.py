@@ -10,6 +10,7 @@ st.set_page_config(page_title="Circuitscope", layout="wide")
 
 PAGES = [
     st.Page("views/inspector.py", title="Prompt inspector", url_path="inspector", default=True),
+    st.Page("views/heatmaps.py", title="Heatmaps and logit lens", url_path="heatmaps"),
     st.Page("views/graph.py", title="Attribution graph", url_path="graph"),
 ]
 

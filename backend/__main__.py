@@ -37,8 +37,22 @@ def _graph(handle: ModelHandle, args: argparse.Namespace):
     return to_graph_json(view_from_graph(graph, args.node_threshold, args.edge_threshold))
 
 
+def _heatmap(handle: ModelHandle, args: argparse.Namespace):
+    from .heatmaps import heatmap
+
+    neuron = None
+    if args.neuron:
+        try:
+            layer, index = (int(part) for part in args.neuron.split(","))
+        except ValueError as exc:
+            raise UserInputError("--neuron takes LAYER,INDEX, e.g. 12,345.") from exc
+        neuron = (layer, index)
+    return heatmap(handle, args.prompt, args.quantity, args.target, args.second, neuron)
+
+
 COMMANDS: dict[str, tuple[str, Callable]] = {
     "lens": ("logit lens: top token and target probability per layer and position", _lens),
+    "heatmap": ("one layer x position grid (--quantity), from one cached forward pass", _heatmap),
     "graph": ("neuron-level attribution graph, circuit-tracer / Neuronpedia JSON", _graph),
     "inspect": ("tokens, top-20 next tokens, target probability/rank, greedy continuation", _inspect),
 }
@@ -53,8 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--prompt", required=True)
         cmd.add_argument("--target", default=None, help="one token, e.g. ' Paris' (default: the top prediction)")
         cmd.add_argument("--out", required=True, type=Path, help="JSON file to write ('-' for stdout)")
-        if name == "lens":
+        if name in ("lens", "heatmap"):
             cmd.add_argument("--second", default=None, help="a second token whose probability is also tracked")
+        if name == "heatmap":
+            from .heatmaps import QUANTITIES
+
+            cmd.add_argument("--quantity", required=True, choices=QUANTITIES)
+            cmd.add_argument("--neuron", default=None, help="LAYER,INDEX for --quantity neuron")
         if name == "graph":
             cmd.add_argument("--max-nodes", type=int, default=200, help="neuron nodes K (default 200)")
             cmd.add_argument("--wrong", default=None, help="attribute logit(target) - logit(wrong)")

@@ -72,3 +72,19 @@ def test_graph_page_reopens_the_selected_and_pinned_nodes_from_the_url(app, smol
     assert app.multiselect(key="pinned_editor").value == [neuron["node_id"]]
     assert any("capital facts" in m.value for m in app.markdown)
     assert {m.label for m in app.metric} >= {"Replacement", "Completeness", "Nodes shown"}
+
+
+def test_heatmaps_page_drills_into_the_cell_in_the_url(app):
+    app.switch_page("views/heatmaps.py")
+    app.query_params.update(prompt="The capital of France is", target=" Paris", cell="30,4", q="target_prob")
+    app.run()
+    assert not app.exception and not app.error
+    assert any("block 29, position 4" in h.value for h in app.subheader)
+    assert any(b.label.startswith("head ") for b in app.button)
+
+
+def test_heatmaps_page_refuses_a_comparison_of_other_length(app):
+    app.switch_page("views/heatmaps.py")
+    app.query_params.update(prompt="The capital of France is", compare="The capital of the United Kingdom is")
+    app.run()
+    assert any("equal lengths" in e.value for e in app.error) and not app.exception

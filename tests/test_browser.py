@@ -60,3 +60,21 @@ def test_clicking_a_graph_node_opens_its_details_and_the_link_keeps_it(app_url):
         fresh.goto(shared_link)
         fresh.get_by_text("Strongest incoming edges").wait_for(timeout=180_000)
         expect(fresh.locator("h3").filter(has_text="@").first).to_have_text(heading)
+
+
+def test_clicking_a_heatmap_cell_shows_the_drill_down(app_url):
+    with chromium_page(height=1100) as page:
+        page.goto(f"{app_url}/heatmaps?prompt=The+capital+of+France+is&target=+Paris")
+        page.get_by_text("Click a cell").wait_for(timeout=180_000)
+        wait_until_idle(page)
+        # the grid's click layer: one transparent square per cell, in row-major order
+        cells = page.locator("[data-testid='stPlotlyChart']").first.locator("path.point")
+        cells.nth(cells.count() - 1).click(force=True)  # top row, last position
+        page.get_by_text("Logit lens, top 10").wait_for(timeout=60_000)
+        expect(page.locator("h3").filter(has_text="position 4").first).to_be_visible()
+        page.wait_for_function("() => window.location.search.includes('cell=')", timeout=30_000)
+        wait_until_idle(page)
+        head_grid = page.locator("[data-testid='stPlotlyChart']").filter(has_text="head 5")
+        head_grid.locator(".subplot").nth(5).locator("path.point").first.click(force=True)
+        page.wait_for_function("() => window.location.search.includes('head=5')", timeout=60_000)
+        expect(page.get_by_text("head 5").last).to_be_visible()

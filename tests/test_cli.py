@@ -44,3 +44,16 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
     assert not (tmp_path / "x.json").exists()
+
+
+def test_heatmap_and_graph_json(smollm2, tmp_path):
+    out = tmp_path / "heat.json"
+    assert main(["heatmap", "--prompt", FRANCE_PROMPT, "--quantity", "mlp_norm", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["quantity"] == "mlp_norm" and len(data["values"]) == 30 and len(data["values"][0]) == 5
+    out = tmp_path / "graph.json"
+    assert main(["graph", "--prompt", FRANCE_PROMPT, "--target", " Paris", "--max-nodes", "30", "--out", str(out)]) == 0
+    graph = json.loads(out.read_text())
+    assert set(graph) == {"metadata", "qParams", "nodes", "links"}
+    assert graph["metadata"]["settings"]["max_nodes"] == 30
+    assert main(["heatmap", "--prompt", FRANCE_PROMPT, "--quantity", "neuron", "--neuron", "x", "--out", str(out)]) == 2

@@ -1,0 +1,147 @@
+"""Clickable heatmaps: plotly heatmaps return no click selections, so grids are drawn as
+square scatter markers carrying [row, column] in ``customdata``."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .tokens import visible
+
+
+def clickable_grid(
+    values,
+    columns: list[str],
+    rows: list[str],
+    *,
+    text: list[list[str]] | None = None,
+    title: str = "",
+    colorscale: str = "Viridis",
+    diverging: bool = False,
+    selected: tuple[int, int] | None = None,
+    row_px: int = 24,
+) -> go.Figure:
+    """A rows x columns heatmap (row 0 at the bottom) overlaid with one nearly transparent
+    square marker per cell, which is what a click selects (customdata = [row, column])."""
+    matrix = np.asarray(values, dtype=float)
+    n_rows, n_cols = matrix.shape
+    rr, cc = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    labels = [visible(c) for c in columns]
+    heat = {"z": matrix, "x": list(range(n_cols)), "y": list(range(n_rows)), "colorscale": colorscale,
+            "hoverinfo": "skip", "xgap": 1, "ygap": 1}
+    if diverging:
+        bound = float(np.nanmax(np.abs(matrix))) or 1.0
+        heat.update(colorscale="RdBu", zmin=-bound, zmax=bound, zmid=0)
+    if text:
+        heat.update(text=[[visible(t)[:7] for t in row] for row in text], texttemplate="%{text}",
+                    textfont={"size": 9})
+    hover = [f"{rows[r]} · {labels[c]} (pos {c})<br>{matrix[r, c]:.4g}" + (f"<br>top: {visible(text[r][c])}" if text else "")
+             for r, c in zip(rr.ravel(), cc.ravel())]
+    fig = go.Figure(go.Heatmap(**heat))
+    fig.add_trace(
+        go.Scatter(
+            x=cc.ravel(), y=rr.ravel(), mode="markers",
+            marker={"symbol": "square", "size": row_px - 2, "color": "#000000", "opacity": 0.01},
+            customdata=np.stack([rr.ravel(), cc.ravel()], axis=1).tolist(),  # lists: numpy would be sent as binary
+            hovertext=hover, hoverinfo="text", showlegend=False,
+        )
+    )
+    if selected is not None:
+        fig.add_shape(type="rect", x0=selected[1] - 0.5, x1=selected[1] + 0.5, y0=selected[0] - 0.5,
+                      y1=selected[0] + 0.5, line={"color": "#ff0000", "width": 3})
+    fig.update_layout(
+        title=title,
+        height=max(260, row_px * n_rows + 120),
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        clickmode="event+select",
+        dragmode="pan",
+        showlegend=False,
+        xaxis={"tickmode": "array", "tickvals": list(range(n_cols)), "ticktext": labels, "showgrid": False,
+               "zeroline": False},
+        yaxis={"tickmode": "array", "tickvals": list(range(n_rows)), "ticktext": rows, "showgrid": False,
+               "zeroline": False},
+        plot_bgcolor="white",
+    )
+    return fig
+
+
+def selected_cell(event) -> tuple[int, int] | None:
+    """(row, column) of the first clicked square, or None."""
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        points = []
+    for point in points:
+        data = point.get("customdata") if isinstance(point, dict) else None
+        if isinstance(data, (list, tuple)) and len(data) == 2:
+            return int(data[0]), int(data[1])
+    return None
+
+
+def head_multiples(patterns, tokens: list[str], columns: int = 3, selected: int | None = None) -> go.Figure:
+    """All heads' query x key patterns as small clickable multiples; customdata = head."""
+    patterns = np.asarray(patterns)
+    n_heads, n_pos, _ = patterns.shape
+    n_rows = -(-n_heads // columns)
+    fig = make_subplots(rows=n_rows, cols=columns, subplot_titles=[f"head {h}" for h in range(n_heads)],
+                        horizontal_spacing=0.04, vertical_spacing=0.08)
+    q, k = np.meshgrid(np.arange(n_pos), np.arange(n_pos), indexing="ij")
+    for head in range(n_heads):
+        fig.add_trace(
+            go.Scatter(
+                x=k.ravel(), y=q.ravel(), mode="markers",
+                marker={"symbol": "square", "size": max(3, 120 // n_pos), "color": patterns[head].ravel(),
+                        "colorscale": "Blues", "cmin": 0, "cmax": 1,
+                        "line": {"width": 2 if head == selected else 0, "color": "#d62728"}},
+                customdata=[[head]] * (n_pos * n_pos),
+                hovertext=[f"head {head}: {visible(tokens[a])} → {visible(tokens[b])}: {patterns[head, a, b]:.3f}"
+                           for a, b in zip(q.ravel(), k.ravel())],
+                hoverinfo="text",
+            ),
+            row=head // columns + 1, col=head % columns + 1,
+        )
+    fig.update_yaxes(autorange="reversed", showticklabels=False)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_layout(height=220 * n_rows, showlegend=False, clickmode="event+select", dragmode="pan",
+                      margin={"l": 10, "r": 10, "t": 30, "b": 10}, plot_bgcolor="white")
+    return fig
+
+
+def selected_head(event) -> int | None:
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        return None
+    for point in points:
+        data = point.get("customdata") if isinstance(point, dict) else None
+        if isinstance(data, (list, tuple)) and data:
+            return int(data[0])
+        if isinstance(data, (int, float)):
+            return int(data)
+    return None
+
+
+def pattern_figure(pattern, tokens: list[str], title: str = "") -> go.Figure:
+    """One head's query x key pattern with token labels (plain heatmap: no clicks needed)."""
+    labels = [f"{visible(t)} ({i})" for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Heatmap(z=pattern, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
+                               hovertemplate="query %{y} → key %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title, height=520, yaxis={"autorange": "reversed", "title": "query"},
+                      xaxis={"title": "key"}, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    return fig
+
+
+def coloured_tokens_html(tokens: list[str], values) -> str:
+    """Tokens with a background whose intensity follows |value| (blue positive, red negative)."""
+    values = np.asarray(values, dtype=float)
+    bound = float(np.abs(values).max()) or 1.0
+    spans = []
+    for token, value in zip(tokens, values):
+        alpha = min(1.0, abs(value) / bound)
+        colour = f"rgba(31,119,180,{alpha:.2f})" if value >= 0 else f"rgba(214,39,40,{alpha:.2f})"
+        spans.append(f"<span title='{value:.4g}' style='background:{colour};padding:2px 3px;margin:1px;"
+                     f"border-radius:3px;font-family:monospace'>{html.escape(visible(token))}</span>")
+    return "".join(spans)

@@ -1,0 +1,52 @@
+"""Components: selection handlers (AppTest cannot click plotly) and figure builders."""
+
+import numpy as np
+
+from components.graph_view import edges_of, graph_figure, node_xy, selected_node_id
+from components.heatmap import clickable_grid, coloured_tokens_html, head_multiples, selected_cell, selected_head
+from components.tokens import visible
+
+
+def event(*customdata):
+    return {"selection": {"points": [{"customdata": c} for c in customdata]}}
+
+
+def test_selection_handlers():
+    assert selected_cell(event([3, 4])) == (3, 4)
+    assert selected_cell(event({"dtype": "i8", "bdata": "AA=="})) is None  # undecoded binary: ignored
+    assert selected_cell({"selection": {"points": []}}) is None and selected_cell(None) is None
+    assert selected_head(event([2])) == 2 and selected_head(event(5)) == 5
+    assert selected_node_id(event(None, ["12_34_5"])) == "12_34_5"  # edge lines carry no customdata
+    assert selected_node_id({}) is None
+
+
+def test_grid_click_layer_carries_plain_lists():
+    fig = clickable_grid(np.arange(6).reshape(2, 3), ["a", " b", "c"], ["emb", "L0"], selected=(1, 2))
+    scatter = fig.data[1]
+    assert list(scatter.customdata[5]) == [1, 2] and len(scatter.customdata) == 6
+    assert fig.layout.xaxis.ticktext == ("a", "␣b", "c")
+    heads = head_multiples(np.full((4, 3, 3), 1 / 3), ["a", "b", "c"])
+    assert len(heads.data) == 4 and list(heads.data[3].customdata[0]) == [3]
+
+
+def test_graph_layout_and_edges():
+    nodes = [
+        {"node_id": "E_1_0", "kind": "embedding", "layer": -1, "ctx_idx": 0, "label": "emb", "feature": 0},
+        {"node_id": "0_5_0", "kind": "neuron", "layer": 0, "ctx_idx": 0, "label": "n1", "feature": 5},
+        {"node_id": "0_7_0", "kind": "neuron", "layer": 0, "ctx_idx": 0, "label": "n2", "feature": 7},
+        {"node_id": "3_9_0", "kind": "logit", "layer": 2, "ctx_idx": 0, "label": 'Output " x" (p=0.5)', "feature": 9},
+    ]
+    links = [{"source": "E_1_0", "target": "0_5_0", "weight": 2.0}, {"source": "0_5_0", "target": "3_9_0", "weight": -1.0},
+             {"source": "0_7_0", "target": "3_9_0", "weight": 0.5}]
+    xy = node_xy(nodes)
+    assert xy["0_5_0"][0] != xy["0_7_0"][0] and xy["0_5_0"][1] == xy["0_7_0"][1] == 0.0
+    fig = graph_figure(nodes, links, ["x"], selected="0_5_0", max_links=2)
+    colours = {trace.line.color for trace in fig.data if trace.mode == "lines"}
+    assert colours == {"#1f77b4", "#d62728"}  # positive and negative, the weakest link dropped
+    assert [l["weight"] for l in edges_of("3_9_0", links, "in")] == [-1.0, 0.5]
+
+
+def test_tokens_and_colours():
+    assert visible(" a\n") == "␣a↵" and visible("") == "∅"
+    html = coloured_tokens_html(["<b>", " x"], [1.0, -0.5])
+    assert "&lt;b&gt;" in html and "rgba(214,39,40,0.50)" in html
