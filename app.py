@@ -12,6 +12,8 @@ PAGES = [
     st.Page("views/inspector.py", title="Prompt inspector", url_path="inspector", default=True),
     st.Page("views/heatmaps.py", title="Heatmaps and logit lens", url_path="heatmaps"),
     st.Page("views/graph.py", title="Attribution graph", url_path="graph"),
+    st.Page("views/patching.py", title="Patching", url_path="patching"),
+    st.Page("views/paths.py", title="Neuron paths", url_path="paths"),
 ]
 
 navigation = st.navigation(PAGES)

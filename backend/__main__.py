@@ -50,10 +50,26 @@ def _heatmap(handle: ModelHandle, args: argparse.Namespace):
     return heatmap(handle, args.prompt, args.quantity, args.target, args.second, neuron)
 
 
+def _patch(handle: ModelHandle, args: argparse.Namespace):
+    from .patching import METHODS, patching
+
+    methods = METHODS if args.method == "all" else (args.method,)
+    return patching(handle, args.clean, args.corrupt, args.answer, args.wrong, methods=methods,
+                    freeze_attention=args.freeze_attention)
+
+
+def _paths(handle: ModelHandle, args: argparse.Namespace):
+    from .paths import neuron_path
+
+    return neuron_path(handle, args.prompt, args.target, position=args.position, steps=args.steps, top_k=args.top_k)
+
+
 COMMANDS: dict[str, tuple[str, Callable]] = {
     "lens": ("logit lens: top token and target probability per layer and position", _lens),
     "heatmap": ("one layer x position grid (--quantity), from one cached forward pass", _heatmap),
     "graph": ("neuron-level attribution graph, circuit-tracer / Neuronpedia JSON", _graph),
+    "paths": ("influential neuron path (NeuronPath) with baselines and remove/enhance evaluation", _paths),
+    "patch": ("exact activation patching, AtP and RelP over resid_pre/attn_out/mlp_out/heads", _patch),
     "inspect": ("tokens, top-20 next tokens, target probability/rank, greedy continuation", _inspect),
 }
 
@@ -64,9 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, _) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--model", default=DEFAULT_MODEL, help="smollm2, gemma3-270m, a folder, a .gguf or a hub id")
+        cmd.add_argument("--out", required=True, type=Path, help="JSON file to write ('-' for stdout)")
+        if name == "patch":
+            cmd.add_argument("--clean", required=True)
+            cmd.add_argument("--corrupt", required=True, help="same token length as --clean")
+            cmd.add_argument("--answer", required=True, help="the clean run's answer token, e.g. ' Mary'")
+            cmd.add_argument("--wrong", required=True, help="the competing token, e.g. ' John'")
+            cmd.add_argument("--method", default="all", choices=("exact", "atp", "relp", "all"))
+            cmd.add_argument("--freeze-attention", action="store_true", help="RelP with frozen attention patterns")
+            continue
         cmd.add_argument("--prompt", required=True)
         cmd.add_argument("--target", default=None, help="one token, e.g. ' Paris' (default: the top prediction)")
-        cmd.add_argument("--out", required=True, type=Path, help="JSON file to write ('-' for stdout)")
         if name in ("lens", "heatmap"):
             cmd.add_argument("--second", default=None, help="a second token whose probability is also tracked")
         if name == "heatmap":
@@ -79,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--wrong", default=None, help="attribute logit(target) - logit(wrong)")
             cmd.add_argument("--node-threshold", type=float, default=0.8)
             cmd.add_argument("--edge-threshold", type=float, default=0.98)
+        if name == "paths":
+            cmd.add_argument("--steps", type=int, default=20, help="scaling steps m (default 20)")
+            cmd.add_argument("--top-k", type=int, default=1, help="neurons per layer (default 1)")
+            cmd.add_argument("--position", type=int, default=None, help="token position (default: the last)")
         if name == "inspect":
             cmd.add_argument("--continue-tokens", type=int, default=10, help="greedy continuation length")
     return parser

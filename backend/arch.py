@@ -88,7 +88,11 @@ class ArchAdapter:
 
     def logits_from_residual(self, resid: torch.Tensor) -> torch.Tensor:
         """Final norm, unembedding and (Gemma 2) logit soft-capping: the model's own readout."""
-        logits = self.unembed(self.final_norm(resid))
+        return self.logits_from_residual_normed(self.final_norm(resid))
+
+    def logits_from_residual_normed(self, normed: torch.Tensor) -> torch.Tensor:
+        """Unembedding and soft-capping of an already final-normed residual stream."""
+        logits = self.unembed(normed)
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

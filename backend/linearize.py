@@ -142,11 +142,16 @@ def linear_forward(
     neuron_values: list[torch.Tensor | None] | None = None,
     capture_heads: bool = False,
     capture_reads: bool = False,
+    freeze_attention: bool = True,
+    extra_hooks: list[Hook] | None = None,
 ) -> LinearRun:
     """Replay the clean prompt through the frozen-gain linearization (with gradients).
 
     In direct mode, ``embed_value`` / ``neuron_values[l]`` (shape [B,P,...]) override the
-    leaves' values; by default they take their clean (replayed) values.
+    leaves' values; by default they take their clean (replayed) values. With
+    ``freeze_attention=False`` queries and keys stay live (gradients pass through the
+    softmax, as RelP's default). ``extra_hooks`` run after the replay hooks (e.g. to read
+    the replayed activations).
     """
     adapter = handle.adapter
     n_layers = adapter.n_layers
@@ -201,7 +206,8 @@ def linear_forward(
     hooks = [Hook(m, "forward", replay_norm) for m in norm_modules(handle)]
     hooks.append(Hook(adapter.layers[0].block, "pre", embed_leaf))
     for layer, parts in enumerate(adapter.layers):
-        hooks += [Hook(module, "forward", replay_qk(mask)) for module, mask in parts.qk]
+        if freeze_attention:
+            hooks += [Hook(module, "forward", replay_qk(mask)) for module, mask in parts.qk]
         hooks += [Hook(m, "forward", keep_mlp_input) for m in (parts.gate, parts.up) if m is not None]
         hooks.append(Hook(parts.down_proj, "pre", replay_neurons(layer, parts)))
         if capture_heads:
@@ -210,6 +216,7 @@ def linear_forward(
             hooks.append(Hook(parts.mlp_norm, "pre", keep_input(reads, layer)))
     if capture_reads:
         hooks.append(Hook(adapter.final_norm, "pre", keep_input(reads, n_layers)))
+    hooks += extra_hooks or []
     input_ids = frozen.input_ids.expand(batch, -1)
     with hooked(handle, hooks), torch.enable_grad():
         final = adapter.base(input_ids, use_cache=False).last_hidden_state

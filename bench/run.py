@@ -25,7 +25,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 FRANCE = "The capital of France is"
-SECTIONS = ("load", "threads", "lens", "graph", "graph_vs_brute")
+SECTIONS = ("load", "threads", "lens", "graph", "graph_vs_brute", "patching", "paths")
+PUBLISHED_GPT2_IOI = {"resid_pre": {"atp": 0.753, "relp": 0.968}, "attn_out": {"atp": 0.979, "relp": 0.962},
+                      "mlp_out": {"atp": 0.195, "relp": 0.992}}
 
 
 def peak_mb() -> float:
@@ -176,6 +178,41 @@ def section_graph_vs_brute() -> dict:
     return {"model": "tiny llama (3 layers, d=32)", "sources": graph.n_features, "ours_s": ours_s,
             "brute_force_neuron_columns_s": brute_s, "brute_over_ours": brute_s / ours_s,
             "max_abs_difference": float(np.abs(ours - brute).max())}
+
+
+def section_patching() -> dict:
+    """Exact patching vs AtP vs RelP on the IOI pair, all sites, in one run."""
+    from backend.models import get_model
+    from backend.patching import patching
+
+    handle = get_model("smollm2")
+    corrupt = "When Mary and John went to the store, Mary gave a drink to"
+    result = patching(handle, IOI, corrupt, " Mary", " John")
+    frozen = patching(handle, IOI, corrupt, " Mary", " John", methods=("relp",), freeze_attention=True)
+    exact_grids = {site: result.grids[site]["exact"] for site in result.grids}
+    from backend.patching import pearson
+
+    return {
+        "pearson": result.pearson,
+        "pearson_relp_frozen_attention": {s: pearson(frozen.grids[s]["relp"], exact_grids[s]) for s in exact_grids},
+        "published_gpt2_small_ioi": PUBLISHED_GPT2_IOI,
+        "seconds": result.seconds,
+        "exact_over_atp": result.seconds["exact"] / result.seconds["atp"],
+        "exact_over_relp": result.seconds["exact"] / result.seconds["relp"],
+        "patched_forwards_exact": sum(len(g["exact"]) * len(g["exact"][0]) for g in result.grids.values()),
+    }
+
+
+def section_paths() -> dict:
+    """NeuronPath on France -> Paris: search time and the paper's remove/enhance evaluation."""
+    from backend.models import get_model
+    from backend.paths import neuron_path
+
+    handle = get_model("smollm2")
+    result = neuron_path(handle, FRANCE, " Paris")
+    return {"search_s": result.timings["search_s"], "total_s": result.timings["total_s"],
+            "passes": handle.adapter.n_layers, "rows_per_pass": result.settings["steps"],
+            "jas": result.jas, "baseline_jas": result.baseline_jas, "evaluation": result.evaluation}
 
 
 # ---------------------------------------------------------------- driver

@@ -23,9 +23,11 @@ def clickable_grid(
     diverging: bool = False,
     selected: tuple[int, int] | None = None,
     row_px: int = 24,
+    bound: float | None = None,
 ) -> go.Figure:
     """A rows x columns heatmap (row 0 at the bottom) overlaid with one nearly transparent
-    square marker per cell, which is what a click selects (customdata = [row, column])."""
+    square marker per cell, which is what a click selects (customdata = [row, column]).
+    ``bound`` fixes a diverging colour scale to [-bound, bound] (shared between figures)."""
     matrix = np.asarray(values, dtype=float)
     n_rows, n_cols = matrix.shape
     rr, cc = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
@@ -33,7 +35,7 @@ def clickable_grid(
     heat = {"z": matrix, "x": list(range(n_cols)), "y": list(range(n_rows)), "colorscale": colorscale,
             "hoverinfo": "skip", "xgap": 1, "ygap": 1}
     if diverging:
-        bound = float(np.nanmax(np.abs(matrix))) or 1.0
+        bound = bound or float(np.nanmax(np.abs(matrix))) or 1.0
         heat.update(colorscale="RdBu", zmin=-bound, zmax=bound, zmid=0)
     if text:
         heat.update(text=[[visible(t)[:7] for t in row] for row in text], texttemplate="%{text}",

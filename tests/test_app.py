@@ -88,3 +88,30 @@ def test_heatmaps_page_refuses_a_comparison_of_other_length(app):
     app.query_params.update(prompt="The capital of France is", compare="The capital of the United Kingdom is")
     app.run()
     assert any("equal lengths" in e.value for e in app.error) and not app.exception
+
+
+def test_patching_page_with_a_clicked_cell_from_the_url(app):
+    app.switch_page("views/patching.py")
+    app.query_params.update(methods="atp,relp", pcell="attn_out:20,13")
+    app.run()
+    assert not app.exception and not app.error
+    assert app.text_input(key="url_corrupt").value == "When Mary and John went to the store, Mary gave a drink to"
+    assert app.text_input(key="url_answer").value == " Mary" and app.text_input(key="url_wrong").value == " John"
+    assert any("Patched attn_out at layer 20, position 13" in s.value for s in app.success)
+    assert {m.label for m in app.metric} >= {"AtP time", "RelP time", "LD clean"}
+
+
+def test_patching_page_refuses_unequal_lengths(app):
+    app.switch_page("views/patching.py")
+    app.query_params.update(methods="atp", corrupt="When Mary went to the store")
+    app.run()
+    assert any("equal token lengths" in e.value for e in app.error) and not app.exception
+
+
+def test_paths_page_shows_the_evaluation_and_the_clicked_neuron(app):
+    app.switch_page("views/paths.py")
+    app.query_params.update(prompt="The capital of France is", target=" Paris", neuron="9,500")
+    app.run()
+    assert not app.exception and not app.error
+    assert any(h.value == "Neuron L9 N500" for h in app.subheader)
+    assert {m.label for m in app.metric} >= {"JAS (path)", "Search time"}

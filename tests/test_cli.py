@@ -57,3 +57,23 @@ def test_heatmap_and_graph_json(smollm2, tmp_path):
     assert set(graph) == {"metadata", "qParams", "nodes", "links"}
     assert graph["metadata"]["settings"]["max_nodes"] == 30
     assert main(["heatmap", "--prompt", FRANCE_PROMPT, "--quantity", "neuron", "--neuron", "x", "--out", str(out)]) == 2
+
+
+def test_paths_json(smollm2, tmp_path):
+    out = tmp_path / "paths.json"
+    assert main(["paths", "--prompt", FRANCE_PROMPT, "--target", " Paris", "--steps", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"path", "jas", "baselines", "evaluation"} <= set(data)
+    assert set(data["path"][0]) == {"layer", "neuron", "activation", "score"}
+    assert set(data["evaluation"]["remove"]) == {"path", "activation_baseline", "gradient_baseline", "random_mean", "random_std"}
+
+
+def test_patch_json(smollm2, tmp_path):
+    out = tmp_path / "patch.json"
+    args = ["patch", "--clean", "When Mary and John went to the store, John gave a drink to",
+            "--corrupt", "When Mary and John went to the store, Mary gave a drink to",
+            "--answer", " Mary", "--wrong", " John", "--method", "relp", "--out", str(out)]
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    assert set(data["grids"]) == {"resid_pre", "attn_out", "mlp_out", "heads"} and "relp" in data["seconds"]
+    assert main(args[:4] + ["When Mary went"] + args[5:]) == 2  # unequal lengths
