@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from backend.errors import UserInputError
-from backend.hooks import first_tensor, hooked, Hook
+from backend.hooks import Hook, hooked
 from backend.patching import (
     SITES,
     _logit_difference,

@@ -5,13 +5,13 @@ import json
 import streamlit as st
 
 from backend.errors import UserInputError
-from backend.graph import attribution_graph
 from backend.edge_heads import edge_heads
-from backend.graph import AttributionGraph
+from backend.graph import AttributionGraph, attribution_graph
 from backend.graph_json import GraphView, node_ids, parse_graph_json, to_graph_json, view_from_graph
 from backend.neurons import neuron_view
-from components.charts import activation_bars, head_grid, token_score_table
+from components.charts import head_grid
 from components.graph_view import edges_of, graph_figure, selected_node_id
+from components.neuron_panel import neuron_panel
 from views.common import current, set_url_state, show_user_errors, url_state, write_url
 
 st.title("Attribution graph")
@@ -153,13 +153,7 @@ with right:
         if node["kind"] == "neuron" and meta.get("scan") == handle.name:
             detail = show_user_errors(neuron_view, handle, selection.prompt, node["layer"], int(node["feature"]))
             if detail is not None:
-                st.plotly_chart(activation_bars(detail.tokens, detail.activations, "Activation over the prompt"),
-                                key="neuron_acts")
-                promote, suppress = st.columns(2)
-                promote.markdown("**Promotes**")
-                promote.dataframe(token_score_table(detail.promotes), hide_index=True)
-                suppress.markdown("**Suppresses**")
-                suppress.dataframe(token_score_table(detail.suppresses), hide_index=True)
+                neuron_panel(detail.tokens, detail.activations, detail.promotes, detail.suppresses, "neuron_acts")
 
 st.subheader("Pinned nodes and supernodes")
 pin_cols = st.columns([2, 2])

@@ -4,15 +4,14 @@ import streamlit as st
 
 from backend.heatmaps import QUANTITIES, attention_pattern, cell_detail, compare_grids, heatmap
 from backend.neurons import neuron_view
-from components.charts import token_score_table
 from components.heatmap import (
     clickable_grid,
-    coloured_tokens_html,
     head_multiples,
     pattern_figure,
     selected_cell,
     selected_head,
 )
+from components.neuron_panel import neuron_panel
 from views.common import current, set_url_state, show_user_errors, url_state, write_url
 
 LABELS = {
@@ -152,9 +151,4 @@ if patterns is not None:
 st.subheader(f"Neuron L{neuron[0]} N{neuron[1]}")
 view = show_user_errors(neuron_view, handle, selection.prompt, *neuron)
 if view is not None:
-    st.markdown(coloured_tokens_html(view.tokens, view.activations), unsafe_allow_html=True)
-    promote, suppress = st.columns(2)
-    promote.markdown("**Promotes**")
-    promote.dataframe(token_score_table(view.promotes), hide_index=True)
-    suppress.markdown("**Suppresses**")
-    suppress.dataframe(token_score_table(view.suppresses), hide_index=True)
+    neuron_panel(view.tokens, view.activations, view.promotes, view.suppresses, "heatmap_neuron", as_text=True)

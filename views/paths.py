@@ -4,8 +4,8 @@ import streamlit as st
 
 from backend.neurons import neuron_view
 from backend.paths import neuron_path, recurring_neurons
-from components.charts import activation_bars, token_score_table
 from components.heatmap import selected_cell
+from components.neuron_panel import neuron_panel
 from components.paths_view import evaluation_figure, path_figure
 from views.common import current, set_url_state, show_user_errors, url_state, write_url
 
@@ -70,12 +70,7 @@ else:
     view = show_user_errors(neuron_view, handle, selection.prompt, layer, neuron)
     if view is not None:
         st.subheader(f"Neuron L{layer} N{neuron}")
-        st.plotly_chart(activation_bars(view.tokens, view.activations, "Activation over the prompt"), key="path_neuron")
-        promote, suppress = st.columns(2)
-        promote.markdown("**Promotes**")
-        promote.dataframe(token_score_table(view.promotes), hide_index=True)
-        suppress.markdown("**Suppresses**")
-        suppress.dataframe(token_score_table(view.suppresses), hide_index=True)
+        neuron_panel(view.tokens, view.activations, view.promotes, view.suppresses, "path_neuron")
 
 st.subheader("Recurring neurons across prompts with the same target")
 st.text_area("Other prompts, one per line (e.g. more 'capital of' prompts)", key="url_others", height=90)
