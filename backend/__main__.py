@@ -64,11 +64,29 @@ def _paths(handle: ModelHandle, args: argparse.Namespace):
     return neuron_path(handle, args.prompt, args.target, position=args.position, steps=args.steps, top_k=args.top_k)
 
 
+def _intervene(handle: ModelHandle, args: argparse.Namespace):
+    from .interventions import controls, intervene
+
+    try:
+        spec = json.loads(args.spec.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"Could not read the spec {args.spec}: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise UserInputError("The spec must be a JSON object with a list 'interventions'.")
+    if args.target:
+        spec["target"] = args.target
+    result = intervene(handle, args.prompt, spec).to_dict()
+    if args.controls:
+        result["controls"] = controls(handle, args.prompt, spec, n_random=args.controls).to_dict()
+    return result
+
+
 COMMANDS: dict[str, tuple[str, Callable]] = {
     "lens": ("logit lens: top token and target probability per layer and position", _lens),
     "heatmap": ("one layer x position grid (--quantity), from one cached forward pass", _heatmap),
     "graph": ("neuron-level attribution graph, circuit-tracer / Neuronpedia JSON", _graph),
     "paths": ("influential neuron path (NeuronPath) with baselines and remove/enhance evaluation", _paths),
+    "intervene": ("ablate / scale / steer neurons, heads or residual directions; before and after", _intervene),
     "patch": ("exact activation patching, AtP and RelP over resid_pre/attn_out/mlp_out/heads", _patch),
     "inspect": ("tokens, top-20 next tokens, target probability/rank, greedy continuation", _inspect),
 }
@@ -107,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--steps", type=int, default=20, help="scaling steps m (default 20)")
             cmd.add_argument("--top-k", type=int, default=1, help="neurons per layer (default 1)")
             cmd.add_argument("--position", type=int, default=None, help="token position (default: the last)")
+        if name == "intervene":
+            cmd.add_argument("--spec", required=True, type=Path, help="JSON spec (see backend/interventions.py)")
+            cmd.add_argument("--controls", type=int, default=0, help="also run N random-set and re-initialized controls")
         if name == "inspect":
             cmd.add_argument("--continue-tokens", type=int, default=10, help="greedy continuation length")
     return parser

@@ -115,3 +115,18 @@ def test_paths_page_shows_the_evaluation_and_the_clicked_neuron(app):
     assert not app.exception and not app.error
     assert any(h.value == "Neuron L9 N500" for h in app.subheader)
     assert {m.label for m in app.metric} >= {"JAS (path)", "Search time"}
+
+
+def test_intervene_panel_on_pinned_graph_nodes(app, smollm2):
+    from backend.graph import attribution_graph
+    from backend.graph_json import view_from_graph
+
+    view = view_from_graph(attribution_graph(smollm2, "The capital of France is", " Paris", max_nodes=40))
+    neurons = [n["node_id"] for n in view.nodes if n["kind"] == "neuron"][:5]
+    app.switch_page("views/graph.py")
+    app.query_params.update(prompt="The capital of France is", target=" Paris", k="40", pinned=",".join(neurons))
+    app.run()
+    app.button(key="graph_intervene_run").click().run()
+    assert not app.exception
+    assert any(m.label == "p(' Paris')" for m in app.metric)
+    assert any("Continuation after" in m.value for m in app.markdown)

@@ -77,3 +77,16 @@ def test_patch_json(smollm2, tmp_path):
     data = json.loads(out.read_text())
     assert set(data["grids"]) == {"resid_pre", "attn_out", "mlp_out", "heads"} and "relp" in data["seconds"]
     assert main(args[:4] + ["When Mary went"] + args[5:]) == 2  # unequal lengths
+
+
+def test_intervene_json(smollm2, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"interventions": [{"kind": "neuron", "layer": 20, "index": 7, "op": "zero"}],
+                                "continue_tokens": 3}))
+    out = tmp_path / "out.json"
+    assert main(["intervene", "--prompt", FRANCE_PROMPT, "--target", " Paris", "--spec", str(spec),
+                 "--controls", "5", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"before", "after", "delta_target_prob", "controls"} <= set(data) and len(data["controls"]["null"]) == 5
+    spec.write_text("{not json")
+    assert main(["intervene", "--prompt", FRANCE_PROMPT, "--spec", str(spec), "--out", str(out)]) == 2

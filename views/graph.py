@@ -13,6 +13,7 @@ from components.charts import head_grid
 from components.graph_view import edges_of, graph_figure, selected_node_id
 from components.neuron_panel import neuron_panel
 from views.common import current, set_url_state, show_user_errors, url_state, write_url
+from views.intervene_panel import intervene_panel
 
 st.title("Attribution graph")
 selection, handle = current()
@@ -154,6 +155,18 @@ with right:
             detail = show_user_errors(neuron_view, handle, selection.prompt, node["layer"], int(node["feature"]))
             if detail is not None:
                 neuron_panel(detail.tokens, detail.activations, detail.promotes, detail.suppresses, "neuron_acts")
+
+def neuron_triples(node_ids: list[str]) -> list[tuple[int, int, int]]:
+    """(layer, position, neuron) of the neuron nodes among ``node_ids``; supernodes expand to members."""
+    expanded = [member for node_id in node_ids for member in ([node_id] + [m for name, *ms in supernodes
+                if name == node_id for m in ms])]
+    nodes = [view.node(node_id) for node_id in dict.fromkeys(expanded)]
+    return [(n["layer"], n["ctx_idx"], int(n["feature"])) for n in nodes if n and n["kind"] == "neuron"]
+
+
+if meta.get("scan") == handle.name:
+    intervene_panel(handle, selection.prompt, selection.target or None,
+                    neuron_triples(pinned or ([selected] if selected else [])), "graph_intervene")
 
 st.subheader("Pinned nodes and supernodes")
 pin_cols = st.columns([2, 2])

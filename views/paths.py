@@ -8,6 +8,7 @@ from components.heatmap import selected_cell
 from components.neuron_panel import neuron_panel
 from components.paths_view import evaluation_figure, path_figure
 from views.common import current, set_url_state, show_user_errors, url_state, write_url
+from views.intervene_panel import intervene_panel
 
 st.title("Influential neuron path")
 st.caption("NeuronPath (Wang et al., 2025): one neuron per layer chosen by joint attribution to p(target), "
@@ -71,6 +72,9 @@ else:
     if view is not None:
         st.subheader(f"Neuron L{layer} N{neuron}")
         neuron_panel(view.tokens, view.activations, view.promotes, view.suppresses, "path_neuron")
+
+intervene_panel(handle, selection.prompt, result.target["token"],
+                [(r["layer"], result.position, r["neuron"]) for r in result.path], "path_intervene")
 
 st.subheader("Recurring neurons across prompts with the same target")
 st.text_area("Other prompts, one per line (e.g. more 'capital of' prompts)", key="url_others", height=90)
