@@ -92,12 +92,13 @@ def test_heatmaps_page_refuses_a_comparison_of_other_length(app):
 
 def test_patching_page_with_a_clicked_cell_from_the_url(app):
     app.switch_page("views/patching.py")
-    app.query_params.update(methods="atp,relp", pcell="attn_out:20,13")
+    app.query_params.update(methods="atp,relp", pcell="heads:20,3")
     app.run()
     assert not app.exception and not app.error
     assert app.text_input(key="url_corrupt").value == "When Mary and John went to the store, Mary gave a drink to"
     assert app.text_input(key="url_answer").value == " Mary" and app.text_input(key="url_wrong").value == " John"
-    assert any("Patched attn_out at layer 20, position 13" in s.value for s in app.success)
+    assert any("Patched heads at layer 20, head 3" in s.value for s in app.success)
+    assert app.button(key="patch_intervene_run") is not None
     assert {m.label for m in app.metric} >= {"AtP time", "RelP time", "LD clean"}
 
 

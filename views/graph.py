@@ -7,6 +7,7 @@ import streamlit as st
 from backend.errors import UserInputError
 from backend.edge_heads import edge_heads
 from backend.graph import AttributionGraph, attribution_graph
+from backend.interventions import neuron_items
 from backend.graph_json import GraphView, node_ids, parse_graph_json, to_graph_json, view_from_graph
 from backend.neurons import neuron_view
 from components.charts import head_grid
@@ -166,7 +167,7 @@ def neuron_triples(node_ids: list[str]) -> list[tuple[int, int, int]]:
 
 if meta.get("scan") == handle.name:
     intervene_panel(handle, selection.prompt, selection.target or None,
-                    neuron_triples(pinned or ([selected] if selected else [])), "graph_intervene")
+                    neuron_items(neuron_triples(pinned or ([selected] if selected else []))), "graph_intervene")
 
 st.subheader("Pinned nodes and supernodes")
 pin_cols = st.columns([2, 2])

@@ -13,6 +13,7 @@ from components.heatmap import (
 )
 from components.neuron_panel import neuron_panel
 from views.common import current, set_url_state, show_user_errors, url_state, write_url
+from views.intervene_panel import intervene_panel
 
 LABELS = {
     "target_prob": "Logit lens: p(target)",
@@ -147,8 +148,12 @@ if patterns is not None:
         shown_head = min(head, len(patterns) - 1)
         st.plotly_chart(pattern_figure(patterns[shown_head], grid.tokens, f"Layer {int(layer_choice)}, head {shown_head}"),
                         key="head_large")
+    intervene_panel(handle, selection.prompt, selection.target or None,
+                    [{"kind": "head", "layer": int(layer_choice), "index": shown_head, "positions": None}], "head_intervene")
 
 st.subheader(f"Neuron L{neuron[0]} N{neuron[1]}")
 view = show_user_errors(neuron_view, handle, selection.prompt, *neuron)
 if view is not None:
     neuron_panel(view.tokens, view.activations, view.promotes, view.suppresses, "heatmap_neuron", as_text=True)
+    intervene_panel(handle, selection.prompt, selection.target or None,
+                    [{"kind": "neuron", "layer": neuron[0], "index": neuron[1], "positions": None}], "heatmap_intervene")

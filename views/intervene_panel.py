@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from backend.interventions import controls, intervene, neuron_items
+from backend.interventions import controls, intervene
 from backend.models import ModelHandle
 from components.charts import null_histogram, top_tokens_bar
 from views.common import show_user_errors
@@ -13,23 +13,33 @@ OPERATIONS = {"zero": "Zero-ablate", "scale": "Scale by a factor", "mean": "Mean
               "add": "Add a value (steer)"}
 
 
-def intervene_panel(handle: ModelHandle, prompt: str, target: str | None, nodes: list[tuple[int, int, int]],
-                    key: str) -> None:
-    """``nodes``: (layer, position, neuron) triples to intervene on, at their positions."""
-    with st.expander(f"Intervene on {len(nodes)} neuron(s)", expanded=False):
-        if not nodes:
+def _label(item: dict) -> str:
+    where = "" if item.get("positions") is None else " @" + ",".join(map(str, item["positions"]))
+    return f"L{item['layer']} {'N' if item['kind'] == 'neuron' else 'H'}{item['index']}{where}"
+
+
+def intervene_panel(handle: ModelHandle, prompt: str, target: str | None, items: list[dict], key: str,
+                    extra: dict | None = None) -> None:
+    """``items``: neuron or head targets ({kind, layer, index, positions}); ``extra`` adds
+    spec fields (e.g. a corrupted prompt for corrupt-ablation)."""
+    operations = dict(OPERATIONS)
+    if extra and extra.get("corrupt_prompt"):
+        operations["corrupt"] = "Corrupt-ablate (value from the corrupted prompt)"
+    with st.expander(f"Intervene on {len(items)} target(s)", expanded=False):
+        if not items:
             st.info("Select or pin neurons first.")
             return
-        st.caption(", ".join(f"L{l} N{n} @{p}" for l, p, n in nodes))
+        st.caption(", ".join(_label(item) for item in items))
         cols = st.columns([2, 1, 1])
-        op = cols[0].selectbox("Operation", list(OPERATIONS), format_func=OPERATIONS.get, key=f"{key}_op")
+        op = cols[0].selectbox("Operation", list(operations), format_func=operations.get, key=f"{key}_op")
         factor = cols[1].number_input("Factor / value", value=2.0 if op == "scale" else 1.0, key=f"{key}_factor")
         n_continue = cols[2].number_input("Continuation tokens", 0, 50, 10, key=f"{key}_continue")
         references = ""
         if op == "mean":
             references = st.text_area("Reference prompts (one per line)", key=f"{key}_refs")
-        spec = {"interventions": neuron_items(nodes, op, factor), "target": target, "continue_tokens": int(n_continue),
-                "reference_prompts": [line for line in references.splitlines() if line.strip()]}
+        spec = {"interventions": [{**item, "op": op, "factor": factor} for item in items], "target": target,
+                "continue_tokens": int(n_continue),
+                "reference_prompts": [line for line in references.splitlines() if line.strip()], **(extra or {})}
         if st.button("Run the intervention", key=f"{key}_run"):
             st.session_state[f"{key}_spec"] = spec
         if st.session_state.get(f"{key}_spec") != spec:

@@ -8,6 +8,7 @@ from backend.inspect_prompt import inspect_prompt
 from backend.patching import METHODS, SITES, patch_one, patching, propose_corruption
 from components.heatmap import clickable_grid, selected_cell
 from views.common import current, set_url_state, show_user_errors, url_state, write_url
+from views.intervene_panel import intervene_panel
 
 NAMES = {"exact": "Exact patching", "atp": "AtP", "relp": "RelP"}
 SITE_NAMES = {"resid_pre": "Residual stream (block input)", "attn_out": "Attention output", "mlp_out": "MLP output",
@@ -113,3 +114,7 @@ for site in SITES:
             where = f"head {index}" if site == "heads" else f"position {index} ({result.tokens[index]!r})"
             st.success(f"Patched {site} at layer {layer}, {where}: LD {single['ld']:.3f} "
                        f"→ normalized {single['normalized']:.3f}")
+            if site == "heads":
+                intervene_panel(handle, clean, st.session_state.url_answer,
+                                [{"kind": "head", "layer": layer, "index": index, "positions": None}], "patch_intervene",
+                                extra={"corrupt_prompt": st.session_state.url_corrupt, "wrong": st.session_state.url_wrong})

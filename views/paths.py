@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from backend.interventions import neuron_items
 from backend.neurons import neuron_view
 from backend.paths import neuron_path, recurring_neurons
 from components.heatmap import selected_cell
@@ -74,7 +75,7 @@ else:
         neuron_panel(view.tokens, view.activations, view.promotes, view.suppresses, "path_neuron")
 
 intervene_panel(handle, selection.prompt, result.target["token"],
-                [(r["layer"], result.position, r["neuron"]) for r in result.path], "path_intervene")
+                neuron_items([(r["layer"], result.position, r["neuron"]) for r in result.path]), "path_intervene")
 
 st.subheader("Recurring neurons across prompts with the same target")
 st.text_area("Other prompts, one per line (e.g. more 'capital of' prompts)", key="url_others", height=90)
