@@ -150,11 +150,17 @@ def _reference_values(handle: ModelHandle, items: list[dict], spec: dict) -> dic
     return values
 
 
-def _apply(handle: ModelHandle, tensor: torch.Tensor, item: dict, reference: torch.Tensor | None) -> torch.Tensor:
+def _apply(handle: ModelHandle, tensor: torch.Tensor, item: dict, reference: torch.Tensor | None,
+           n_pos: int) -> torch.Tensor:
+    """The intervened copy of ``tensor``; ``n_pos`` = the prompt's length (a continuation
+    adds positions after it, which "corrupt" leaves alone: the corrupted prompt has none)."""
     tensor = tensor.clone()
     view = _select(handle, tensor, item)
     positions = item.get("positions")
-    index = slice(None) if positions is None else torch.tensor(positions)
+    if positions is not None:
+        index = torch.tensor(positions)
+    else:
+        index = slice(0, n_pos) if item["op"] == "corrupt" else slice(None)
     part = view[:, index]
     op, factor = item["op"], float(item.get("factor", 1.0))
     if item["kind"] == "resid":
@@ -176,7 +182,7 @@ def _apply(handle: ModelHandle, tensor: torch.Tensor, item: dict, reference: tor
     elif op == "mean":
         new = reference.expand_as(part)
     else:  # corrupt
-        if reference.shape[0] != tensor.shape[1]:
+        if reference.shape[0] != n_pos:
             raise UserInputError("Corrupt ablation needs a corrupted prompt of the same token length.")
         new = reference[index].expand_as(part)
     view[:, index] = new
@@ -192,7 +198,7 @@ def intervened(handle: ModelHandle, spec: dict, n_pos: int) -> Iterator[None]:
         hooks = []
         for i, item in enumerate(items):
             def fn(module, args, i=i, item=item):
-                return (_apply(handle, args[0], item, references.get(i)),) + tuple(args[1:])
+                return (_apply(handle, args[0], item, references.get(i), n_pos),) + tuple(args[1:])
             hooks.append(Hook(_site(handle, item), "pre", fn))
         with hooked(handle, hooks):
             yield

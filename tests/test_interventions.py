@@ -128,3 +128,10 @@ def test_intervene_result_and_controls(tiny_llama):
     assert control.observed == pytest.approx(result.delta_target_prob, abs=1e-6)
     assert set(control.dead_salmon) == {"observed", "null_mean", "null_std", "z_score", "p_value"}
     assert no_hooks(tiny_llama)
+
+
+def test_corrupt_head_ablation_with_a_continuation(tiny_llama):
+    spec = {"interventions": [{"kind": "head", "layer": 1, "index": 2, "op": "corrupt"}],
+            "corrupt_prompt": "When John and Mary went to the store", "continue_tokens": 3}
+    result = intervene(tiny_llama, PROMPT, spec)  # the continuation runs past the corrupted prompt's length
+    assert result.after["continuation"] and no_hooks(tiny_llama)
