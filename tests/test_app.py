@@ -131,3 +131,10 @@ def test_intervene_panel_on_pinned_graph_nodes(app, smollm2):
     assert not app.exception
     assert any(m.label == "p(' Paris')" for m in app.metric)
     assert any("Continuation after" in m.value for m in app.markdown)
+
+
+def test_graph_page_ignores_a_malformed_url(app):
+    app.switch_page("views/graph.py")
+    app.query_params.update(prompt="The capital of France is", k="20", supernodes="[[1, 2], \"x\"", nt="abc")
+    app.run()
+    assert not app.exception and any(m.label == "Nodes shown" for m in app.metric)

@@ -7,8 +7,8 @@ import streamlit as st
 from backend.errors import UserInputError
 from backend.edge_heads import edge_heads
 from backend.graph import AttributionGraph, attribution_graph
-from backend.interventions import neuron_items
 from backend.graph_json import GraphView, node_ids, parse_graph_json, to_graph_json, view_from_graph
+from backend.interventions import neuron_items
 from backend.neurons import neuron_view
 from components.charts import head_grid
 from components.graph_view import edges_of, graph_figure, selected_node_id
@@ -24,8 +24,16 @@ def _csv(text: str) -> list[str]:
     return [part for part in text.split(",") if part]
 
 
+def _supernodes(text: str) -> list[list[str]]:
+    """[[name, member, ...], ...] from the URL; anything else is ignored."""
+    groups = json.loads(text)
+    if not isinstance(groups, list):
+        raise ValueError("supernodes must be a list")
+    return [g for g in groups if isinstance(g, list) and len(g) >= 2 and all(isinstance(x, str) for x in g)]
+
+
 pinned: list[str] = url_state("pinned", [], _csv)
-supernodes: list[list[str]] = url_state("supernodes", [], json.loads)
+supernodes: list[list[str]] = url_state("supernodes", [], _supernodes)
 selected: str = url_state("node", "")
 url_state("k", 200, int)
 url_state("nt", 0.8, float)
@@ -73,7 +81,6 @@ if view is None:
     st.stop()
 
 known_ids = {n["node_id"] for n in view.nodes}
-pinned = [p for p in pinned if p in known_ids] or pinned
 meta = view.metadata
 scores = meta.get("scores", {})
 cols = st.columns(5)
