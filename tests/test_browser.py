@@ -38,7 +38,8 @@ def test_default_prompt_shows_mary_then_a_typed_prompt_survives_reload(app_url, 
         page.reload()
         page.get_by_text("Next-token distribution").wait_for(timeout=60_000)
         wait_until_idle(page)
-        assert page.get_by_role("textbox", name="Prompt", exact=True).input_value() == "The capital of France is"
+        expect(page.get_by_role("textbox", name="Prompt", exact=True)).to_have_value("The capital of France is",
+                                                                                    timeout=60_000)
         expect(metric(page, "Target")).to_have_text("␣Paris", timeout=60_000)
 
 
@@ -69,6 +70,7 @@ def test_clicking_a_heatmap_cell_shows_the_drill_down(app_url):
         wait_until_idle(page)
         # the grid's click layer: one transparent square per cell, in row-major order
         cells = page.locator("[data-testid='stPlotlyChart']").first.locator("path.point")
+        cells.nth(30 * 5).wait_for(state="attached", timeout=60_000)  # 31 rows x 5 positions, drawn
         cells.nth(cells.count() - 1).click(force=True)  # top row, last position
         page.get_by_text("Logit lens, top 10").wait_for(timeout=60_000)
         expect(page.locator("h3").filter(has_text="position 4").first).to_be_visible()
