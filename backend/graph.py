@@ -12,8 +12,9 @@ Nodes, in this order (rows = targets, columns = sources of ``adjacency``):
 Edge (s -> t) = the direct effect of s on t in the frozen-gain linearization (see
 linearize.py): gradient of t's value w.r.t. s's value, through the residual stream and frozen
 attention only, times s's value. Each neuron and logit node's value equals the sum of its
-incoming edges plus its bias edge. Cost: 2 forwards + 1 backward to rank neurons, then
-ceil((K + T) / batch) batched backwards over one retained graph.
+incoming edges plus its bias edge. Cost: 4 forwards (clean record, ranking replay, direct
+replay, all-zero replay for the bias) + 1 backward to rank neurons, then ceil((K + T) /
+batch) batched backwards over one retained graph.
 """
 
 from __future__ import annotations
