@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 
 
 def visible(token: str) -> str:
@@ -25,3 +26,8 @@ def token_chips_html(tokens: list[str], ids: list[int]) -> str:
 def token_rows(tokens: list[str], ids: list[int]) -> list[dict]:
     """Rows for a table: position, token (visible whitespace) and id."""
     return [{"position": p, "token": visible(t), "id": i} for p, (t, i) in enumerate(zip(tokens, ids))]
+
+
+def escape_markdown(text: str) -> str:
+    """Text shown literally inside st.markdown (prompts may contain *, _, #, [, ...)."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$])", r"\\\1", text).replace("\n", "  \n")

@@ -46,6 +46,12 @@ def test_graph_layout_and_edges():
     assert [l["weight"] for l in edges_of("3_9_0", links, "in")] == [-1.0, 0.5]
 
 
+def test_markdown_escaping():
+    from components.tokens import escape_markdown
+
+    assert escape_markdown("a *b* [c](d) #1") == r"a \*b\* \[c\]\(d\) \#1"
+
+
 def test_tokens_and_colours():
     assert visible(" a\n") == "␣a↵" and visible("") == "∅"
     html = coloured_tokens_html(["<b>", " x"], [1.0, -0.5])

@@ -4,7 +4,7 @@ import streamlit as st
 
 from backend.inspect_prompt import inspect_prompt
 from components.charts import top_tokens_bar
-from components.tokens import token_chips_html, token_rows, visible
+from components.tokens import escape_markdown, token_chips_html, token_rows, visible
 from views.common import current, show_user_errors
 
 st.title("Prompt inspector")
@@ -26,6 +26,7 @@ if result is not None:
         st.plotly_chart(top_tokens_bar(result.top_predictions, target["id"]), key="top_tokens")
     with right:
         st.subheader("Greedy continuation")
-        st.markdown(f"**{selection.prompt}**{result.continuation}")
+        st.caption(escape_markdown(selection.prompt) + " …")
+        st.code(result.continuation, language=None, wrap_lines=True)
         st.subheader("Tokens")
         st.dataframe(token_rows(result.tokens, result.token_ids), hide_index=True)

@@ -52,8 +52,10 @@ def intervene_panel(handle: ModelHandle, prompt: str, target: str | None, items:
         before, after = st.columns(2)
         before.plotly_chart(top_tokens_bar(result.before["top"], result.target["id"], "Before"), key=f"{key}_before")
         after.plotly_chart(top_tokens_bar(result.after["top"], result.target["id"], "After"), key=f"{key}_after")
-        before.markdown(f"**Continuation before:** {prompt}**{result.before['continuation']}**")
-        after.markdown(f"**Continuation after:** {prompt}**{result.after['continuation']}**")
+        before.markdown("**Continuation before**")
+        before.code(result.before["continuation"], language=None, wrap_lines=True)
+        after.markdown("**Continuation after**")
+        after.code(result.after["continuation"], language=None, wrap_lines=True)
         n_random = st.number_input("Random sets for the controls", 10, 1000, 100, step=10, key=f"{key}_n")
         if st.button("Run the controls (random same-layer sets, re-initialized model)", key=f"{key}_controls"):
             bar = st.progress(0.0, text="Controls")
