@@ -58,6 +58,14 @@ def _patch(handle: ModelHandle, args: argparse.Namespace):
                     freeze_attention=args.freeze_attention)
 
 
+def _circuit(handle: ModelHandle, args: argparse.Namespace):
+    from .circuit import circuit
+
+    return circuit(handle, args.clean, args.corrupt, args.answer, args.wrong, method=args.method, steps=args.steps,
+                   top_n=args.top_n, target_faithfulness=args.target_faithfulness, top_fraction=args.top_fraction,
+                   per_position=args.per_position, n_random=args.random)
+
+
 def _paths(handle: ModelHandle, args: argparse.Namespace):
     from .paths import neuron_path
 
@@ -88,6 +96,7 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
     "paths": ("influential neuron path (NeuronPath) with baselines and remove/enhance evaluation", _paths),
     "intervene": ("ablate / scale / steer neurons, heads or residual directions; before and after", _intervene),
     "patch": ("exact activation patching, AtP and RelP over resid_pre/attn_out/mlp_out/heads", _patch),
+    "circuit": ("component circuit (heads, MLPs) by EAP / EAP-IG with measured faithfulness", _circuit),
     "inspect": ("tokens, top-20 next tokens, target probability/rank, greedy continuation", _inspect),
 }
 
@@ -99,13 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--model", default=DEFAULT_MODEL, help="smollm2, gemma3-270m, a folder, a .gguf or a hub id")
         cmd.add_argument("--out", required=True, type=Path, help="JSON file to write ('-' for stdout)")
-        if name == "patch":
+        if name in ("patch", "circuit"):
             cmd.add_argument("--clean", required=True)
             cmd.add_argument("--corrupt", required=True, help="same token length as --clean")
             cmd.add_argument("--answer", required=True, help="the clean run's answer token, e.g. ' Mary'")
             cmd.add_argument("--wrong", required=True, help="the competing token, e.g. ' John'")
+        if name == "patch":
             cmd.add_argument("--method", default="all", choices=("exact", "atp", "relp", "all"))
             cmd.add_argument("--freeze-attention", action="store_true", help="RelP with frozen attention patterns")
+            continue
+        if name == "circuit":
+            cmd.add_argument("--method", default="eap", choices=("eap", "eap-ig"))
+            cmd.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps (default 5)")
+            cmd.add_argument("--top-n", type=int, default=None, help="circuit size in edges")
+            cmd.add_argument("--target-faithfulness", type=float, default=None,
+                             help="instead of --top-n: the smallest N on the curve reaching this faithfulness")
+            cmd.add_argument("--top-fraction", type=float, default=0.05, help="default size: this fraction of edges")
+            cmd.add_argument("--per-position", action="store_true", help="edges per token position")
+            cmd.add_argument("--random", type=int, default=5, help="random edge sets of the same size to compare")
             continue
         cmd.add_argument("--prompt", required=True)
         cmd.add_argument("--target", default=None, help="one token, e.g. ' Paris' (default: the top prediction)")

@@ -35,6 +35,7 @@ class LayerParts:
     up: the up projection of a gated MLP (None otherwise).
     act: the MLP nonlinearity; neurons = act(gate(x)) * up(x), or act(gate(x)).
     mlp_norm: the norm in front of the MLP; its input is the residual stream the MLP reads.
+    attn_norm: the norm in front of attention; its input is the residual stream attention reads.
     """
 
     block: nn.Module
@@ -49,6 +50,7 @@ class LayerParts:
     up: nn.Module | None
     act: Callable[[torch.Tensor], torch.Tensor]
     mlp_norm: nn.Module
+    attn_norm: nn.Module
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ def _llama_or_gemma(model: nn.Module, config, gemma: bool) -> ArchAdapter:
             up=layer.mlp.up_proj,
             act=layer.mlp.act_fn,
             mlp_norm=layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm,
+            attn_norm=layer.input_layernorm,
         )
         for layer in base.layers
     )
@@ -179,6 +182,7 @@ def _gpt2(model: nn.Module, config) -> ArchAdapter:
             up=None,
             act=block.mlp.act,
             mlp_norm=block.ln_2,
+            attn_norm=block.ln_1,
         )
         for block in base.h
     )
@@ -219,6 +223,7 @@ def _gpt_neox(model: nn.Module, config) -> ArchAdapter:
             up=None,
             act=layer.mlp.act,
             mlp_norm=layer.post_attention_layernorm,
+            attn_norm=layer.input_layernorm,
         )
         for layer in base.layers
     )
