@@ -13,6 +13,7 @@ PAGES = [
     st.Page("views/heatmaps.py", title="Heatmaps and logit lens", url_path="heatmaps"),
     st.Page("views/graph.py", title="Attribution graph", url_path="graph"),
     st.Page("views/patching.py", title="Patching", url_path="patching"),
+    st.Page("views/circuit.py", title="Circuit (heads, MLPs)", url_path="circuit"),
     st.Page("views/paths.py", title="Neuron paths", url_path="paths"),
 ]
 

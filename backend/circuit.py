@@ -458,3 +458,43 @@ def circuit(
         settings={"steps": 1 if method == "eap" else steps, "top_n": top_n, "target_faithfulness": target_faithfulness,
                   "top_fraction": top_fraction, "per_position": per_position, "n_random": n_random, "seed": seed},
     )
+
+
+circuit_cache = BoundedCache(max_entries=8)
+
+
+def cached_circuit(handle: ModelHandle, clean: str, corrupt: str, answer: str, wrong: str, *,
+                   progress: Progress | None = None, **settings) -> CircuitResult:
+    """``circuit`` through a small result cache (pages rerun on every click)."""
+    key = (handle.name, id(handle), clean, corrupt, answer, wrong, tuple(sorted(settings.items())))
+    return circuit_cache.get_or_compute(
+        key, lambda: circuit(handle, clean, corrupt, answer, wrong, progress=progress, **settings))
+
+
+def edge_rows(handle: ModelHandle, edges: list[dict]) -> np.ndarray:
+    """Edge dicts back to index rows (s, r) or (s, r, p)."""
+    names = layout(handle)
+    senders = {name: i for i, name in enumerate(names.senders)}
+    receivers = {name: i for i, name in enumerate(names.receivers)}
+    rows = [[senders[e["source"]], receivers[e["target"]]] + ([e["position"]] if "position" in e else [])
+            for e in edges]
+    return np.asarray(rows, dtype=int).reshape(len(rows), -1 if rows else 2)
+
+
+def node_ablation(handle: ModelHandle, scored: ScoredPair, circuit_edges: list[dict], name: str) -> dict:
+    """Measured effect of corrupt-ablating node ``name`` (its output replaced by the corrupted
+    run's on every edge out of it): the normalized metric of the whole model without it, and
+    of the circuit without the edges that touch it."""
+    names = layout(handle)
+    if name not in names.senders and name not in names.receivers:
+        raise UserInputError(f"No node '{name}' in this graph.")
+    sender = names.senders.index(name) if name in names.senders else -1
+    receiver = names.receivers.index(name) if name in names.receivers else -1
+    circuit_rows = edge_rows(handle, circuit_edges)
+    per_position = circuit_rows.shape[1] == 3
+    everything = ranked_edges(scored, per_position)
+    return {
+        "model": faithfulness(handle, scored, everything[everything[:, 0] != sender]),
+        "circuit": faithfulness(handle, scored, circuit_rows[(circuit_rows[:, 0] != sender)
+                                                             & (circuit_rows[:, 1] != receiver)]),
+    }

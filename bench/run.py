@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 FRANCE = "The capital of France is"
-SECTIONS = ("load", "threads", "lens", "graph", "graph_vs_brute", "patching", "paths")
+SECTIONS = ("load", "threads", "lens", "graph", "graph_vs_brute", "patching", "circuit", "paths")
 PUBLISHED_GPT2_IOI = {"resid_pre": {"atp": 0.753, "relp": 0.968}, "attn_out": {"atp": 0.979, "relp": 0.962},
                       "mlp_out": {"atp": 0.195, "relp": 0.992}}
 
@@ -203,6 +203,48 @@ def section_patching() -> dict:
     }
 
 
+def section_circuit() -> dict:
+    """Component circuits on the IOI pair: EAP and EAP-IG scores vs exact single-edge patching
+    (on a sample of edges: the top 20 and 20 random ones), and circuit faithfulness."""
+    import numpy as np
+
+    from backend.circuit import circuit, faithfulness, ranked_edges, score_pair
+    from backend.models import get_model
+    from backend.patching import pearson
+
+    handle = get_model("smollm2")
+    corrupt = "When Mary and John went to the store, Mary gave a drink to"
+    eap_s, eap = timed(lambda: score_pair(handle, IOI, corrupt, " Mary", " John", "eap"))
+    ig_s, ig = timed(lambda: score_pair(handle, IOI, corrupt, " Mary", " John", "eap-ig", steps=5))
+    ranked = ranked_edges(eap, per_position=False)
+    rng = np.random.default_rng(0)
+    sample = np.concatenate([ranked[:20], ranked[rng.choice(np.arange(20, len(ranked)), 20, replace=False)]])
+    start = time.perf_counter()
+    exact = []
+    for edge in sample:  # the metric with this one edge corrupted, minus the clean metric (1)
+        others = ranked[(ranked[:, 0] != edge[0]) | (ranked[:, 1] != edge[1])]
+        exact.append(faithfulness(handle, eap, others) - 1.0)
+    per_edge_s = (time.perf_counter() - start) / len(sample)
+    first_order = {name: [float(scored.scores[s, r].sum()) for s, r in sample] for name, scored in
+                   (("eap", eap), ("eap_ig", ig))}
+    # scores come from the cache here: this times the faithfulness curve and the random sets
+    result_s, result = timed(lambda: circuit(handle, IOI, corrupt, " Mary", " John", method="eap", n_random=10))
+    ig_ranked = ranked_edges(ig, per_position=False)
+    return {
+        "edges": len(ranked),
+        "eap_scores_s": eap_s, "eap_ig5_scores_s": ig_s,
+        "exact_single_edge_s": per_edge_s,
+        "exact_all_edges_extrapolated_s": per_edge_s * len(ranked),
+        "exact_over_eap_extrapolated": per_edge_s * len(ranked) / eap_s,
+        "pearson_with_exact_40_edges": {name: pearson(values, exact) for name, values in first_order.items()},
+        "curve_and_10_random_sets_s": result_s, "curve_points": len(result.curve),
+        "top5pct_faithfulness": {"eap": result.faithfulness,
+                                 "eap_ig5": faithfulness(handle, ig, ig_ranked[:len(result.circuit)]),
+                                 "random_mean": float(np.mean(result.random_faithfulness)),
+                                 "random_max": float(np.max(result.random_faithfulness))},
+    }
+
+
 def section_paths() -> dict:
     """NeuronPath on France -> Paris: search time and the paper's remove/enhance evaluation."""
     from backend.models import get_model
@@ -264,7 +306,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_child(args.child)))
         return
-    results = {"machine": machine(), "sections": {}}
+    previous = args.out / "results.json"
+    sections = json.loads(previous.read_text())["sections"] if previous.exists() else {}
+    results = {"machine": machine(), "sections": sections}  # sections not re-run keep their last numbers
     for name in args.sections.split(","):
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, cwd=ROOT)

@@ -138,3 +138,22 @@ def test_graph_page_ignores_a_malformed_url(app):
     app.query_params.update(prompt="The capital of France is", k="20", supernodes="[[1, 2], \"x\"", nt="abc")
     app.run()
     assert not app.exception and any(m.label == "Nodes shown" for m in app.metric)
+
+
+def test_circuit_page_shows_the_circuit_and_the_node_in_the_url(app):
+    app.switch_page("views/circuit.py")
+    app.query_params.update(cnode="a23.h3", cn="300")
+    app.run()
+    assert not app.exception and not app.error
+    shown = metrics(app)
+    assert shown["Circuit edges"] == "300" and 0 < float(shown["Faithfulness"]) <= 1.2
+    assert any(h.value == "a23.h3" for h in app.subheader)
+    assert float(shown["difference"]) > 0  # the head writes Mary over John directly
+    assert any(b.label.startswith("→ logits") for b in app.button)
+
+
+def test_circuit_page_refuses_unequal_lengths(app):
+    app.switch_page("views/circuit.py")
+    app.query_params.update(corrupt="When Mary went to the store")
+    app.run()
+    assert any("equal token lengths" in e.value for e in app.error) and not app.exception

@@ -80,3 +80,17 @@ def test_clicking_a_heatmap_cell_shows_the_drill_down(app_url):
         head_grid.locator(".subplot").nth(5).locator("path.point").first.click(force=True)
         page.wait_for_function("() => window.location.search.includes('head=5')", timeout=60_000)
         expect(page.get_by_text("head 5").last).to_be_visible()
+
+
+def test_clicking_a_circuit_node_and_ablating_it(app_url):
+    with chromium_page(height=1400) as page:
+        page.goto(f"{app_url}/circuit?cn=200")
+        page.get_by_text("Click a head or an MLP").wait_for(timeout=180_000)
+        wait_until_idle(page)
+        chart = page.locator("[data-testid='stPlotlyChart']").first
+        chart.locator("path.point").nth(100).click(force=True)
+        page.get_by_text("Circuit edges in").wait_for(timeout=60_000)
+        page.wait_for_function("() => window.location.search.includes('cnode=')", timeout=30_000)
+        wait_until_idle(page)
+        page.get_by_role("button", name="Ablate (corrupt this node's output)").click()
+        expect(metric(page, "Model metric")).to_be_visible(timeout=60_000)

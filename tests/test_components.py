@@ -56,3 +56,24 @@ def test_tokens_and_colours():
     assert visible(" a\n") == "␣a↵" and visible("") == "∅"
     html = coloured_tokens_html(["<b>", " x"], [1.0, -0.5])
     assert "&lt;b&gt;" in html and "rgba(214,39,40,0.50)" in html
+
+
+def test_circuit_figure_nodes_are_clickable_and_edges_coloured():
+    from components.circuit_view import CARRIES, OPPOSES, circuit_figure, faithfulness_curve
+
+    nodes = [{"name": "input", "kind": "input", "layer": -1, "head": None},
+             {"name": "a0.h0", "kind": "head", "layer": 0, "head": 0},
+             {"name": "a0.h1", "kind": "head", "layer": 0, "head": 1},
+             {"name": "m0", "kind": "mlp", "layer": 0, "head": None},
+             {"name": "logits", "kind": "logits", "layer": 1, "head": None}]
+    edges = [{"source": "a0.h1", "target": "logits", "score": -0.5},
+             {"source": "input", "target": "m0", "score": 0.1}]
+    fig = circuit_figure(nodes, edges, n_layers=1, n_heads=2, selected="a0.h1")
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert {t.line.color for t in lines} == {CARRIES, OPPOSES}
+    heads = next(t for t in fig.data if t.name == "head")
+    assert [list(c) for c in heads.customdata] == [["a0.h0"], ["a0.h1"]]
+    assert list(heads.marker.opacity) == [0.25, 1.0]  # only a0.h1 is in the circuit
+    assert selected_node_id(event(None, ["a0.h1"])) == "a0.h1"
+    curve = faithfulness_curve([{"n": 0, "faithfulness": 0}, {"n": 3, "faithfulness": 0.9}], 3, [0.1, 0.0])
+    assert list(curve.data[0].x) == [3] and len(curve.data[1].y) == 2

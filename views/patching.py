@@ -3,12 +3,11 @@
 import numpy as np
 import streamlit as st
 
-from backend.errors import UserInputError
-from backend.inspect_prompt import inspect_prompt
-from backend.patching import METHODS, SITES, patch_one, patching, propose_corruption
+from backend.patching import METHODS, SITES, patch_one, patching
 from components.heatmap import clickable_grid, selected_cell
 from views.common import current, set_url_state, show_user_errors, url_state, write_url
 from views.intervene_panel import intervene_panel
+from views.pair_inputs import pair_inputs
 
 NAMES = {"exact": "Exact patching", "atp": "AtP", "relp": "RelP"}
 SITE_NAMES = {"resid_pre": "Residual stream (block input)", "attn_out": "Attention output", "mlp_out": "MLP output",
@@ -18,50 +17,15 @@ st.title("Patching")
 st.caption("Corrupted run with one site restored from the clean run; metric = logit difference, 0 = corrupted, 1 = clean.")
 selection, handle = current()
 clean = selection.prompt
-
-
-def default_corruption() -> str:
-    try:
-        return propose_corruption(clean)
-    except UserInputError:
-        return ""
-
-
-def default_tokens() -> tuple[str, str]:
-    clean_top = inspect_prompt(handle, clean, n_continue=0)
-    answer = selection.target or clean_top.top_predictions[0]["token"]
-    corrupt = st.session_state.get("url_corrupt") or default_corruption()
-    if corrupt:
-        corrupt_top = show_user_errors(inspect_prompt, handle, corrupt, None, 0)
-        if corrupt_top and corrupt_top.top_predictions[0]["token"] != answer:
-            return answer, corrupt_top.top_predictions[0]["token"]
-    return answer, next(p["token"] for p in clean_top.top_predictions if p["token"] != answer)
-
-
-url_state("corrupt", default_corruption())
-answer_default, wrong_default = default_tokens()
-url_state("answer", answer_default)
-url_state("wrong", wrong_default)
+corrupt, answer, wrong = pair_inputs(handle, selection)
 url_state("methods", list(METHODS), lambda text: [m for m in text.split(",") if m in METHODS])
 url_state("frozen", False, lambda text: text == "1")
 
-
-def propose() -> None:
-    st.session_state.url_corrupt = default_corruption()
-
-
-cols = st.columns([4, 1])
-cols[0].text_input("Corrupted prompt (same token length as the prompt in the sidebar)", key="url_corrupt")
-cols[1].button("Propose (swap names)", on_click=propose)
-cols = st.columns([1, 1, 2, 1])
-cols[0].text_input("Answer token", key="url_answer")
-cols[1].text_input("Wrong token", key="url_wrong")
-cols[2].multiselect("Methods", list(METHODS), format_func=NAMES.get, key="url_methods",
+cols = st.columns([3, 1])
+cols[0].multiselect("Methods", list(METHODS), format_func=NAMES.get, key="url_methods",
                     help="Exact patching runs one forward per site (about a minute on 2 CPU cores for SmolLM2); "
                          "AtP and RelP need one forward and one backward.")
-cols[3].toggle("RelP: freeze attention", key="url_frozen")
-for key in ("corrupt", "answer", "wrong"):
-    write_url(key, st.session_state[f"url_{key}"])
+cols[1].toggle("RelP: freeze attention", key="url_frozen")
 write_url("methods", st.session_state.url_methods, ",".join)
 write_url("frozen", "1" if st.session_state.url_frozen else "")
 
@@ -71,7 +35,7 @@ if not methods:
     st.stop()
 bar = st.progress(0.0, text="Patching")
 result = show_user_errors(
-    patching, handle, clean, st.session_state.url_corrupt, st.session_state.url_answer, st.session_state.url_wrong,
+    patching, handle, clean, corrupt, answer, wrong,
     methods=methods, freeze_attention=st.session_state.url_frozen,
     progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
 )
@@ -108,13 +72,13 @@ for site in SITES:
             st.rerun()
     if clicked_text.startswith(f"{site}:"):
         layer, index = (int(v) for v in clicked_text.split(":")[1].split(","))
-        single = show_user_errors(patch_one, handle, clean, st.session_state.url_corrupt, st.session_state.url_answer,
-                                  st.session_state.url_wrong, site, layer, index)
+        single = show_user_errors(patch_one, handle, clean, corrupt, answer,
+                                  wrong, site, layer, index)
         if single is not None:
             where = f"head {index}" if site == "heads" else f"position {index} ({result.tokens[index]!r})"
             st.success(f"Patched {site} at layer {layer}, {where}: LD {single['ld']:.3f} "
                        f"→ normalized {single['normalized']:.3f}")
             if site == "heads":
-                intervene_panel(handle, clean, st.session_state.url_answer,
+                intervene_panel(handle, clean, answer,
                                 [{"kind": "head", "layer": layer, "index": index, "positions": None}], "patch_intervene",
-                                extra={"corrupt_prompt": st.session_state.url_corrupt, "wrong": st.session_state.url_wrong})
+                                extra={"corrupt_prompt": corrupt, "wrong": wrong})
