@@ -50,8 +50,10 @@ def _edge_traces(edges: list[dict], xy: dict, highlight: str | None) -> list[go.
 
 
 def circuit_figure(nodes: list[dict], edges: list[dict], n_layers: int, n_heads: int, *,
-                   selected: str | None = None, height: int = 620) -> go.Figure:
-    """The circuit's edges over every node; nodes in the circuit drawn large, others faint."""
+                   selected: str | None = None, labels: dict[str, str] | None = None,
+                   height: int = 620) -> go.Figure:
+    """The circuit's edges over every node; nodes in the circuit drawn large, others faint;
+    ``labels`` ({node: text}) written beside their nodes."""
     xy = component_xy(nodes, n_layers, n_heads)
     weight: dict[str, float] = defaultdict(float)
     for edge in edges:
@@ -70,6 +72,10 @@ def circuit_figure(nodes: list[dict], edges: list[dict], n_layers: int, n_heads:
                     "line": {"width": [3 if n["name"] == selected else 0 for n in members], "color": "black"}},
             hovertemplate="<b>%{customdata[0]}</b><extra></extra>",
         ))
+    for name, text in (labels or {}).items():
+        if name in xy:
+            fig.add_annotation(x=xy[name][0], y=xy[name][1], text=text, showarrow=True, arrowhead=0, ax=25, ay=-18,
+                               font={"size": 12}, bgcolor="rgba(255,255,255,0.8)")
     fig.update_layout(
         height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, clickmode="event+select", dragmode="pan",
         xaxis={"title": "layer", "tickmode": "array", "tickvals": [-1, *range(n_layers), n_layers],

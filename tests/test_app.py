@@ -157,3 +157,48 @@ def test_circuit_page_refuses_unequal_lengths(app):
     app.query_params.update(corrupt="When Mary went to the store")
     app.run()
     assert any("equal token lengths" in e.value for e in app.error) and not app.exception
+
+
+def _chart_spec(at: AppTest, key_part: str) -> dict:
+    import json
+
+    charts = [e for e in at.get("plotly_chart") if key_part in str(e.proto.id)]
+    assert charts, f"no chart {key_part}"
+    return json.loads(charts[0].proto.spec)
+
+
+def test_saved_circuit_reopens_after_a_restart_without_recomputing(app, monkeypatch):
+    """Compute, save, restart (caches emptied, computing forbidden), open: the same figure data."""
+    from backend import circuit as circuit_module
+    from backend.store import Store
+
+    app.switch_page("views/circuit.py")
+    app.query_params.update(cn="200", cnode="a23.h3")
+    app.run()
+    assert not app.exception
+    computed = _chart_spec(app, "circuit_chart")
+    result = next(iter(circuit_module.circuit_cache._items.values()))
+    url = {"cn": "200", "cnode": "a23.h3", "prompt": IOI}
+    analysis = Store().save("circuit", "IOI round trip", "smollm2", IOI, result.to_json(),
+                            settings={"page": "circuit", "url": url})
+
+    circuit_module.circuit_cache.clear()
+    circuit_module.context_cache.clear()
+    monkeypatch.setattr(circuit_module, "circuit", lambda *a, **k: pytest.fail("recomputed"))
+    reopened = AppTest.from_file(APP, default_timeout=180)
+    reopened.switch_page("views/circuit.py")
+    reopened.query_params.update(**url, saved=str(analysis))
+    reopened.run()
+    assert not reopened.exception and not reopened.error
+    assert any("IOI round trip" in i.value for i in reopened.info)
+    assert _chart_spec(reopened, "circuit_chart")["data"] == computed["data"]
+
+
+def test_gallery_lists_saved_analyses(app):
+    from backend.store import Store
+
+    Store().save("graph", "Listed in the gallery", "smollm2", "The capital of France is", "{}")
+    app.switch_page("views/gallery.py")
+    app.run()
+    assert not app.exception
+    assert any("Listed in the gallery" in m.value for m in app.markdown)

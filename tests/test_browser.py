@@ -94,3 +94,57 @@ def test_clicking_a_circuit_node_and_ablating_it(app_url):
         wait_until_idle(page)
         page.get_by_role("button", name="Ablate (corrupt this node's output)").click()
         expect(metric(page, "Model metric")).to_be_visible(timeout=60_000)
+
+
+def test_save_open_from_the_gallery_present_and_copy_link(app_url):
+    with chromium_page(height=1300) as page:
+        page.goto(f"{app_url}/circuit?cnode=a23.h3&cn=150")
+        page.get_by_text("Circuit edges in").wait_for(timeout=180_000)
+        wait_until_idle(page)
+        page.get_by_text("Save analysis, label nodes").click()
+        page.get_by_role("textbox", name="Title").fill("Browser round trip")
+        page.get_by_role("textbox", name="Notes").fill("a23.h3 writes Mary")
+        page.get_by_role("button", name="Save to the gallery").click()
+        page.get_by_text("Saved as #").wait_for(timeout=60_000)
+
+        page.get_by_role("link", name="Gallery").click()
+        page.get_by_text("Browser round trip").first.wait_for(timeout=60_000)
+        wait_until_idle(page)
+        page.locator("[class*='st-key-open_'] button").first.click()
+        page.get_by_text("Shown as saved, not recomputed").wait_for(timeout=60_000)
+        page.wait_for_function("() => window.location.pathname.endsWith('/circuit')", timeout=30_000)
+        expect(page.locator("h2, h3").filter(has_text="a23.h3").first).to_be_visible(timeout=60_000)
+        expect(metric(page, "Circuit edges")).to_have_text("150")
+
+        page.get_by_text("Copy link").click()
+        link = page.locator("[data-testid='stSidebar'] code").first.inner_text()
+        assert "/circuit?" in link and "saved=" in link and "cnode=a23.h3" in link
+
+        page.get_by_role("button", name="Present (hide controls, enlarge figures)").click()
+        exit_button = page.get_by_role("button", name="Exit presentation")
+        exit_button.wait_for(timeout=60_000)
+        expect(page.locator("[data-testid='stSidebar']")).to_be_hidden()
+        wait_until_idle(page)
+        expect(page.get_by_role("textbox", name="Answer token").first).to_be_hidden()
+        exit_button.click()
+        expect(page.get_by_role("textbox", name="Answer token").first).to_be_visible(timeout=60_000)
+
+
+def test_exported_figure_html_opens_offline(tmp_path):
+    from components.circuit_view import faithfulness_curve
+    from components.export import figure_html
+
+    require_chromium()
+    fig = faithfulness_curve([{"n": 0, "faithfulness": 0.0}, {"n": 10, "faithfulness": 0.8}], 10, [0.0])
+    path = tmp_path / "curve.html"
+    path.write_text(figure_html(fig, "IOI <curve>", {"model": "smollm2", "cn": "10"}, "notes & more"))
+    requests: list[str] = []
+    with chromium_page() as page:
+        page.route("**/*", lambda route: (requests.append(route.request.url), route.abort())
+                   if not route.request.url.startswith("file:") else route.continue_())
+        page.goto(path.as_uri())
+        page.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
+        expect(page.locator("h1")).to_have_text("IOI <curve>")
+        expect(page.get_by_text("notes & more")).to_be_visible()
+        assert page.locator(".js-plotly-plot .scatterlayer .trace").count() >= 2
+    assert requests == []  # nothing fetched from the network

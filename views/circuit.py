@@ -3,14 +3,15 @@ top-N circuit with its measured faithfulness, and node details with a one-click 
 
 import streamlit as st
 
-from backend.circuit import METHODS, cached_circuit, node_ablation, score_pair
+from backend.circuit import METHODS, CircuitResult, cached_circuit, node_ablation, score_pair
 from backend.heatmaps import attention_pattern
 from components.circuit_view import circuit_figure, faithfulness_curve
 from components.graph_view import selected_node_id
 from components.heatmap import pattern_figure
-from views.common import current, set_url_state, show_user_errors, url_state, write_url
+from views.common import chart, current, opened, set_url_state, show_user_errors, url_state, write_url
 from views.intervene_panel import intervene_panel
 from views.pair_inputs import pair_inputs
+from views.save_panel import node_labels, save_panel
 
 NAMES = {"eap": "EAP", "eap-ig": "EAP-IG"}
 
@@ -45,10 +46,14 @@ settings = {"method": st.session_state.url_cmethod, "steps": int(st.session_stat
             "per_position": bool(st.session_state.url_cpos)}
 if settings["top_n"] is not None:
     settings["target_faithfulness"] = None
-bar = st.progress(0.0, text="Scoring edges")
-result = show_user_errors(cached_circuit, handle, clean, corrupt, answer, wrong, **settings,
-                          progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message))
-bar.empty()
+saved = opened("circuit")
+if saved is not None:
+    result = CircuitResult.from_json(saved.result)
+else:
+    bar = st.progress(0.0, text="Scoring edges")
+    result = show_user_errors(cached_circuit, handle, clean, corrupt, answer, wrong, **settings,
+                              progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message))
+    bar.empty()
 if result is None:
     st.stop()
 
@@ -71,8 +76,10 @@ with left:
     drawn = result.circuit[:600]
     if len(result.circuit) > len(drawn):
         st.caption(f"Drawing the strongest {len(drawn)} of the circuit's {len(result.circuit)} edges.")
-    figure = circuit_figure(result.nodes, drawn, adapter.n_layers, adapter.n_heads, selected=selected or None)
-    event = st.plotly_chart(figure, key="circuit_chart", on_select="rerun", selection_mode="points")
+    figure = circuit_figure(result.nodes, drawn, adapter.n_layers, adapter.n_heads, selected=selected or None,
+                            labels=node_labels())
+    event = chart(figure, "circuit_chart", export=f"Circuit: {clean} ({answer!r} vs {wrong!r})", on_select="rerun",
+                  selection_mode="points")
     clicked = selected_node_id(event)
     if clicked and clicked != st.session_state.get("circuit_last_click"):
         st.session_state.circuit_last_click = clicked
@@ -80,7 +87,8 @@ with left:
         st.rerun()
     st.caption("Blue: corrupting the edge lowers the metric (it carries the behaviour); red: it raises it. "
                "Width grows with |score|; large markers are the circuit's nodes.")
-    st.plotly_chart(faithfulness_curve(result.curve, n_chosen, result.random_faithfulness), key="circuit_curve")
+    chart(faithfulness_curve(result.curve, n_chosen, result.random_faithfulness), "circuit_curve",
+          export=f"Faithfulness curve: {clean}")
 
 
 def select(name: str) -> None:
@@ -134,4 +142,5 @@ with right:
                                                      "positions": None}], "circuit_intervene",
                             extra={"corrupt_prompt": corrupt, "wrong": wrong})
 
+save_panel("circuit", f"Circuit: {clean[:80]}", result.to_json)
 st.download_button("Download the circuit JSON", result.to_json(), file_name="circuit.json", mime="application/json")

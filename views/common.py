@@ -159,3 +159,71 @@ def write_url(key: str, value, render=str) -> None:
         st.query_params[key] = text
     elif key in st.query_params:
         del st.query_params[key]
+
+
+# ---------------------------------------------------------------- sharing, presenting, saving
+
+
+def presenting() -> bool:
+    """Presentation mode (``?present=1``): controls hidden, figures enlarged."""
+    return st.query_params.get("present") == "1"
+
+
+PNG_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
+
+
+def chart(fig, key: str, where=None, export: str | None = None, **kwargs):
+    """``st.plotly_chart`` with the PNG button of the modebar, enlarged when presenting, and
+    (``export`` = a title) a download of the figure as a standalone HTML file."""
+    from components.export import figure_html
+
+    if presenting():
+        fig.update_layout(height=int((fig.layout.height or 450) * 1.5), font={"size": 16})
+    config = {**PNG_CONFIG, "toImageButtonOptions": {**PNG_CONFIG["toImageButtonOptions"], "filename": key}}
+    event = (where or st).plotly_chart(fig, key=key, config=config, **kwargs)
+    if export and not presenting():
+        settings = {k: st.query_params.get(k) for k in st.query_params}
+        (where or st).download_button(
+            "Download figure (HTML)", figure_html(fig, export, settings, st.session_state.get("save_notes", "")),
+            file_name=f"{key}.html", mime="text/html", key=f"{key}_html")
+    return event
+
+
+def share_box() -> None:
+    """The link to this exact view (page + every setting in the URL), with a copy button."""
+    from urllib.parse import urlencode
+
+    base = (st.context.url or "").split("?")[0]
+    link = f"{base}?{urlencode({k: st.query_params.get(k) for k in st.query_params})}"
+    with st.sidebar.expander("Copy link", expanded=False):
+        st.caption("This link reopens this page with the same model, prompt, settings and selection.")
+        st.code(link, language=None, wrap_lines=True)
+
+
+def gallery_store():
+    from backend.store import Store
+
+    return Store()
+
+
+def opened(kind: str):
+    """The saved analysis named by ``?saved=ID`` when it is of ``kind`` (else None), with a
+    banner saying so and a way back to live computation."""
+    raw = st.query_params.get("saved")
+    if not raw:
+        return None
+    try:
+        saved = gallery_store().get(int(raw))
+    except (UserInputError, ValueError) as exc:
+        st.error(f"{exc}" if isinstance(exc, UserInputError) else f"'{raw}' is not a saved analysis id.")
+        return None
+    if saved.kind != kind:
+        st.error(f"Saved analysis #{saved.id} is a {saved.kind}, not a {kind}: computing live instead.")
+        return None
+    cols = st.columns([5, 1])
+    cols[0].info(f"Saved analysis #{saved.id}: **{saved.title}** (model {saved.model}). Shown as saved, not "
+                 "recomputed." + (f"\n\n{saved.notes}" if saved.notes else ""))
+    if cols[1].button("Compute live", key="leave_saved"):
+        del st.query_params["saved"]
+        st.rerun()
+    return saved

@@ -13,8 +13,9 @@ from backend.neurons import neuron_view
 from components.charts import head_grid
 from components.graph_view import edges_of, graph_figure, selected_node_id
 from components.neuron_panel import neuron_panel
-from views.common import current, set_url_state, show_user_errors, url_state, write_url
+from views.common import chart, current, opened, set_url_state, show_user_errors, url_state, write_url
 from views.intervene_panel import intervene_panel
+from views.save_panel import node_labels, save_panel
 
 st.title("Attribution graph")
 selection, handle = current()
@@ -55,7 +56,10 @@ for key in ("k", "nt", "et", "wrong"):
 
 
 def compute_graph() -> tuple[GraphView | None, AttributionGraph | None]:
-    """The view to draw, and the full graph behind it (None for an imported file)."""
+    """The view to draw, and the full graph behind it (None for a saved or imported file)."""
+    saved = opened("graph")
+    if saved is not None:
+        return show_user_errors(parse_graph_json, saved.result), None
     if uploaded is not None:
         return show_user_errors(parse_graph_json, uploaded.getvalue()), None
     bar = st.progress(0.0, text="Computing the attribution graph")
@@ -96,14 +100,15 @@ kinds = filters[0].multiselect(
 )
 only_pinned = filters[1].toggle("Pinned subgraph only", value=False, disabled=not pinned)
 shown = [n for n in view.nodes if n["kind"] in kinds and (not only_pinned or n["node_id"] in pinned or n["kind"] == "logit")]
-labels = {member: name for name, *members in supernodes for member in members}
+labels = {**{member: name for name, *members in supernodes for member in members}, **node_labels()}
 
 left, right = st.columns([3, 2])
 with left:
     figure = graph_figure(
         shown, view.links, view.tokens, selected=selected, pinned=set(pinned), labels=labels, max_links=max_links
     )
-    event = st.plotly_chart(figure, key="graph_chart", on_select="rerun", selection_mode="points")
+    event = chart(figure, "graph_chart", export=f"Attribution graph: {''.join(view.tokens)}", on_select="rerun",
+                  selection_mode="points")
     clicked = selected_node_id(event)
     if clicked and clicked != st.session_state.get("graph_last_click"):
         st.session_state.graph_last_click = clicked
@@ -198,5 +203,6 @@ with pin_cols[1]:
             st.rerun()
 
 exported = to_graph_json(view, pinned=pinned, supernodes=supernodes, clicked=selected)
+save_panel("graph", f"Graph: {''.join(view.tokens)[:80]}", lambda: json.dumps(exported), supernodes=supernodes)
 st.download_button("Download graph JSON (Neuronpedia schema)", json.dumps(exported), file_name="attribution-graph.json",
                    mime="application/json")

@@ -3,11 +3,12 @@
 import numpy as np
 import streamlit as st
 
-from backend.patching import METHODS, SITES, patch_one, patching
+from backend.patching import METHODS, SITES, PatchResult, patch_one, patching
 from components.heatmap import clickable_grid, selected_cell
-from views.common import current, set_url_state, show_user_errors, url_state, write_url
+from views.common import chart, current, opened, set_url_state, show_user_errors, url_state, write_url
 from views.intervene_panel import intervene_panel
 from views.pair_inputs import pair_inputs
+from views.save_panel import save_panel
 
 NAMES = {"exact": "Exact patching", "atp": "AtP", "relp": "RelP"}
 SITE_NAMES = {"resid_pre": "Residual stream (block input)", "attn_out": "Attention output", "mlp_out": "MLP output",
@@ -33,13 +34,17 @@ methods = tuple(m for m in METHODS if m in st.session_state.url_methods)
 if not methods:
     st.info("Choose at least one method.")
     st.stop()
-bar = st.progress(0.0, text="Patching")
-result = show_user_errors(
-    patching, handle, clean, corrupt, answer, wrong,
-    methods=methods, freeze_attention=st.session_state.url_frozen,
-    progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
-)
-bar.empty()
+saved = opened("patching")
+if saved is not None:
+    result = PatchResult.from_json(saved.result)
+else:
+    bar = st.progress(0.0, text="Patching")
+    result = show_user_errors(
+        patching, handle, clean, corrupt, answer, wrong,
+        methods=methods, freeze_attention=st.session_state.url_frozen,
+        progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
+    )
+    bar.empty()
 if result is None:
     st.stop()
 
@@ -64,7 +69,8 @@ for site in SITES:
     figure_columns = st.columns(len(grids))
     for column, (method, grid) in zip(figure_columns, grids.items()):
         figure = clickable_grid(grid, columns, rows, title=NAMES[method], diverging=True, bound=bound, row_px=14)
-        event = column.plotly_chart(figure, key=f"patch_{site}_{method}", on_select="rerun", selection_mode="points")
+        event = chart(figure, f"patch_{site}_{method}", where=column, export=f"{NAMES[method]}, {SITE_NAMES[site]}: {clean}",
+                      on_select="rerun", selection_mode="points")
         cell = selected_cell(event)
         if cell and f"{site}:{cell[0]},{cell[1]}" != st.session_state.get("patch_last_click"):
             st.session_state.patch_last_click = f"{site}:{cell[0]},{cell[1]}"
@@ -82,3 +88,5 @@ for site in SITES:
                 intervene_panel(handle, clean, answer,
                                 [{"kind": "head", "layer": layer, "index": index, "positions": None}], "patch_intervene",
                                 extra={"corrupt_prompt": corrupt, "wrong": wrong})
+
+save_panel("patching", f"Patching: {clean[:80]}", result.to_json)

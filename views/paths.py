@@ -4,12 +4,13 @@ import streamlit as st
 
 from backend.interventions import neuron_items
 from backend.neurons import neuron_view
-from backend.paths import neuron_path, recurring_neurons
+from backend.paths import PathResult, neuron_path, recurring_neurons
 from components.heatmap import selected_cell
 from components.neuron_panel import neuron_panel
 from components.paths_view import evaluation_figure, path_figure
-from views.common import current, set_url_state, show_user_errors, url_state, write_url
+from views.common import chart, current, opened, set_url_state, show_user_errors, url_state, write_url
 from views.intervene_panel import intervene_panel
+from views.save_panel import save_panel
 
 st.title("Influential neuron path")
 st.caption("NeuronPath (Wang et al., 2025): one neuron per layer chosen by joint attribution to p(target), "
@@ -26,12 +27,16 @@ cols[1].number_input("Neurons per layer (top-k)", 1, 10, key="url_topk")
 for key in ("steps", "topk"):
     write_url(key, st.session_state[f"url_{key}"])
 
-bar = st.progress(0.0, text="Searching the path")
-result = show_user_errors(
-    neuron_path, handle, selection.prompt, selection.target or None, steps=int(st.session_state.url_steps),
-    top_k=int(st.session_state.url_topk), progress=lambda f, m: bar.progress(min(f, 1.0), text=m),
-)
-bar.empty()
+saved = opened("paths")
+if saved is not None:
+    result = PathResult.from_json(saved.result)
+else:
+    bar = st.progress(0.0, text="Searching the path")
+    result = show_user_errors(
+        neuron_path, handle, selection.prompt, selection.target or None, steps=int(st.session_state.url_steps),
+        top_k=int(st.session_state.url_topk), progress=lambda f, m: bar.progress(min(f, 1.0), text=m),
+    )
+    bar.empty()
 if result is None:
     st.stop()
 
@@ -44,8 +49,8 @@ metrics[3].metric("Search time", f"{result.timings['search_s']:.1f} s")
 chosen = tuple(int(v) for v in chosen_text.split(",")) if chosen_text.count(",") == 1 else None
 left, right = st.columns([3, 2])
 with left:
-    event = st.plotly_chart(path_figure(result.path, result.baselines, chosen), key="path_chart", on_select="rerun",
-                            selection_mode="points")
+    event = chart(path_figure(result.path, result.baselines, chosen), "path_chart", export=f"Neuron path: {selection.prompt}",
+                  on_select="rerun", selection_mode="points")
     clicked = selected_cell(event)
     if clicked and clicked != st.session_state.get("path_last_click"):
         st.session_state.path_last_click = clicked
@@ -53,7 +58,7 @@ with left:
         st.rerun()
 with right:
     st.markdown("**Remove (zero) or enhance (×2) each path: change in p(target)**")
-    st.plotly_chart(evaluation_figure(result.evaluation), key="evaluation_chart")
+    chart(evaluation_figure(result.evaluation), "evaluation_chart", export=f"Path evaluation: {selection.prompt}")
     table = [{"path": name.replace("_", " "), "remove": f"{result.evaluation['remove'][name]:+.4f}",
               "enhance": f"{result.evaluation['enhance'][name]:+.4f}",
               "top-1 after remove": repr(result.top1_changes["remove"][name]),
@@ -92,3 +97,5 @@ if others:
     rows = [r for r in recurring_neurons(results) if r["count"] > 1]
     st.caption(f"{len(rows)} neurons appear on more than one of the {len(results)} paths.")
     st.dataframe([{"layer": r["layer"], "neuron": r["neuron"], "paths": r["count"]} for r in rows], hide_index=True)
+
+save_panel("paths", f"Neuron path: {selection.prompt[:80]}", result.to_json)
