@@ -89,6 +89,32 @@ def _intervene(handle: ModelHandle, args: argparse.Namespace):
     return result
 
 
+def _batch(handle: ModelHandle, args: argparse.Namespace):
+    from tqdm import tqdm
+
+    from .batch import read_prompts, run_batch
+    from .store import Store
+
+    prompts = read_prompts(args.prompts)
+    analyses = [a.strip() for a in args.analyses.split(",") if a.strip()]
+    bar = tqdm(total=len(prompts) * len(analyses), unit="analysis", file=sys.stderr)
+
+    def progress(done: int, total: int, message: str) -> None:
+        bar.n = done
+        bar.set_description(message)
+        bar.refresh()
+
+    index = run_batch(handle, prompts, analyses, args.out, settings={"max_nodes": args.max_nodes, "steps": args.steps},
+                      store=Store() if args.into_db else None, progress=progress)
+    bar.close()
+    failed = [e for e in index["items"] if e["status"] == "error"]
+    for entry in failed:
+        print(f"item {entry['index']} ({entry['analysis']}): {entry['error']}", file=sys.stderr)
+    if failed:
+        raise UserInputError(f"{len(failed)} of {len(index['items'])} analyses failed (see {args.out / 'index.json'}).")
+    return None
+
+
 COMMANDS: dict[str, tuple[str, Callable]] = {
     "lens": ("logit lens: top token and target probability per layer and position", _lens),
     "heatmap": ("one layer x position grid (--quantity), from one cached forward pass", _heatmap),
@@ -98,6 +124,7 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
     "patch": ("exact activation patching, AtP and RelP over resid_pre/attn_out/mlp_out/heads", _patch),
     "circuit": ("component circuit (heads, MLPs) by EAP / EAP-IG with measured faithfulness", _circuit),
     "inspect": ("tokens, top-20 next tokens, target probability/rank, greedy continuation", _inspect),
+    "batch": ("many prompts x analyses: one JSON each + index.json, resumable, optionally into the gallery", _batch),
 }
 
 
@@ -107,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, _) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--model", default=DEFAULT_MODEL, help="smollm2, gemma3-270m, a folder, a .gguf or a hub id")
+        if name == "batch":
+            cmd.add_argument("--out", required=True, type=Path, help="folder for the JSON files and index.json")
+            cmd.add_argument("--prompts", required=True, type=Path,
+                             help='one prompt per line, or JSON lines {"prompt": ..., "target": ...}')
+            cmd.add_argument("--analyses", default="graph,paths,lens", help="comma-separated: lens,inspect,graph,paths")
+            cmd.add_argument("--into-db", action="store_true", help="also save each result in the gallery database")
+            cmd.add_argument("--max-nodes", type=int, default=200, help="graph: neuron nodes K (default 200)")
+            cmd.add_argument("--steps", type=int, default=20, help="paths: scaling steps m (default 20)")
+            continue
         cmd.add_argument("--out", required=True, type=Path, help="JSON file to write ('-' for stdout)")
         if name in ("patch", "circuit"):
             cmd.add_argument("--clean", required=True)
@@ -159,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handle = get_model(args.model)
         result = COMMANDS[args.command][1](handle, args)
+        if result is None:
+            return 0
         text = json.dumps(result) if isinstance(result, dict) else result.to_json()
         if str(args.out) == "-":
             sys.stdout.write(text + "\n")

@@ -12,6 +12,7 @@ from views.common import OTHER_MODEL, gallery_store, show_user_errors
 
 PAGES = {"graph": "views/graph.py", "circuit": "views/circuit.py", "patching": "views/patching.py",
          "paths": "views/paths.py", "lens": "views/heatmaps.py", "inspect": "views/inspector.py"}
+FROM_SAVED = {"graph", "circuit", "patching", "paths"}  # pages that draw the saved result; the others recompute (< 2 s)
 
 st.title("Gallery")
 store = show_user_errors(gallery_store)
@@ -45,11 +46,14 @@ if not rows:
     st.info("Nothing saved yet: use “Save analysis” on the graph, circuit, patching or paths page.")
 for saved in rows:
     with st.container(border=True):
-        head = st.columns([4, 1, 1, 1])
+        head = st.columns([4, 1, 1, 1, 1])
         when = datetime.datetime.fromtimestamp(saved.updated).strftime("%Y-%m-%d %H:%M")
         head[0].markdown(f"**{saved.title}**  \n#{saved.id} · {saved.kind} · {saved.model} · {when}")
         head[0].caption(saved.prompt[:200])
-        head[1].button("Open", key=f"open_{saved.id}", on_click=open_analysis, args=(saved.id,))
+        head[1].button("Open", key=f"open_{saved.id}", on_click=open_analysis, args=(saved.id,),
+                       help=None if saved.kind in FROM_SAVED else "Opens the page live: it recomputes in about a second.")
+        head[4].download_button("JSON", saved.result, file_name=f"{saved.kind}-{saved.id}.json", mime="application/json",
+                                key=f"json_{saved.id}")
         with head[2].popover("Rename"):
             new_title = st.text_input("New title", saved.title, key=f"title_{saved.id}")
             if st.button("Rename", key=f"rename_{saved.id}"):
