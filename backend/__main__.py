@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UserInputError
+from .errors import OUT_OF_MEMORY, UserInputError, is_out_of_memory
 from .models import DEFAULT_MODEL, ModelHandle, get_model
 
 
@@ -205,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(text)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
         return 2
     return 0
 

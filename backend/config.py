@@ -37,3 +37,21 @@ def cache_dir() -> Path:
 def max_cached_models() -> int:
     """How many models one process keeps loaded at once (CIRCUITSCOPE_MAX_MODELS, default 2)."""
     return max(1, _int_env("CIRCUITSCOPE_MAX_MODELS", 2))
+
+
+def max_prompt_chars() -> int:
+    """Longest prompt accepted, in characters, checked before tokenizing (CIRCUITSCOPE_MAX_CHARS)."""
+    return _int_env("CIRCUITSCOPE_MAX_CHARS", 20_000)
+
+
+def allowed_model_dirs() -> list[Path]:
+    """Folders models may be loaded from, for a shared deployment (CIRCUITSCOPE_MODEL_DIRS,
+    separated by the OS path separator). Empty = any path; when set, hub ids are refused too."""
+    raw = os.environ.get("CIRCUITSCOPE_MODEL_DIRS", "")
+    return [Path(part).expanduser().resolve() for part in raw.split(os.pathsep) if part.strip()]
+
+
+def trust_remote_code() -> bool:
+    """Run a model repository's own Python code: only when the operator sets
+    CIRCUITSCOPE_TRUST_REMOTE_CODE=1 (never from the page). Default off."""
+    return os.environ.get("CIRCUITSCOPE_TRUST_REMOTE_CODE") == "1"

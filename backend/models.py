@@ -121,9 +121,12 @@ def _cache_key(path: Path) -> str:
 def _load_pretrained(source: str | Path, **kwargs) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
+    remote_code = config.trust_remote_code()  # the operator's setting; never from the page
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=remote_code, **kwargs)
+    if "gguf_file" not in kwargs:
+        kwargs["use_safetensors"] = True  # never unpickle a .bin
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch.float32, attn_implementation="eager", trust_remote_code=False, **kwargs
+        source, dtype=torch.float32, attn_implementation="eager", trust_remote_code=remote_code, **kwargs
     )
     return model, tokenizer
 
@@ -162,9 +165,11 @@ def _from_gguf(gguf: Path, cache_name: str, progress: Progress) -> tuple[nn.Modu
 def _from_folder(folder: Path) -> tuple[nn.Module, object]:
     if not (folder / "config.json").is_file():
         raise UserInputError(f"{folder} is not a Hugging Face model folder (no config.json).")
-    weights = [p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin"}]
-    if not weights:
-        raise UserInputError(f"{folder} has a config.json but no weights (*.safetensors).")
+    if not any(p.suffix == ".safetensors" for p in folder.iterdir()):
+        pickled = any(p.suffix in {".bin", ".pt", ".pth"} for p in folder.iterdir())
+        raise UserInputError(
+            f"{folder} has a config.json but no *.safetensors weights"
+            + (" (pickled .bin weights are never loaded: convert them to safetensors)." if pickled else "."))
     try:
         return _load_pretrained(folder, local_files_only=True)
     except Exception as exc:
@@ -181,6 +186,17 @@ def _from_hub(hub_id: str) -> tuple[nn.Module, object]:
         ) from exc
 
 
+def _check_allowed(name: str, path: Path) -> None:
+    """With CIRCUITSCOPE_MODEL_DIRS set, only paths inside those folders (no hub ids)."""
+    allowed = config.allowed_model_dirs()
+    if not allowed:
+        return
+    resolved = path.resolve()
+    if not any(resolved == folder or folder in resolved.parents for folder in allowed):
+        raise UserInputError(f"'{name}' is outside the model folders this server allows "
+                             f"({', '.join(map(str, allowed))}); ask its operator.")
+
+
 def load_uncached(name: str, progress: Progress = _no_progress) -> ModelHandle:
     """Load ``name`` (see module doc) onto the best device, in fp32 and eval mode."""
     name = name.strip()
@@ -195,6 +211,7 @@ def load_uncached(name: str, progress: Progress = _no_progress) -> ModelHandle:
         model, tokenizer = _from_gguf(gemma3_gguf(), "gemma3-270m", progress)
     else:
         path = Path(name).expanduser()
+        _check_allowed(name, path)
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise UserInputError(f"No such gguf file: {path}")

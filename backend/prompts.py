@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from .config import max_prompt_tokens
+import unicodedata
+
+from .config import max_prompt_chars, max_prompt_tokens
 from .errors import UserInputError
 from .models import ModelHandle
 
 
 def encode_prompt(handle: ModelHandle, prompt: str) -> list[int]:
     """Token ids of ``prompt`` as the model sees it (the tokenizer's own special tokens)."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise UserInputError("The prompt is empty: type some text.")
+    check_text(prompt)
     ids = handle.tokenizer(prompt)["input_ids"]
     limit = max_prompt_tokens()
     if len(ids) > limit:
@@ -18,6 +19,21 @@ def encode_prompt(handle: ModelHandle, prompt: str) -> list[int]:
             f"The prompt is {len(ids)} tokens long; the limit is {limit} (set CIRCUITSCOPE_MAX_TOKENS)."
         )
     return list(ids)
+
+
+def check_text(prompt: str) -> None:
+    """Refuse empty prompts, overly long ones (before tokenizing), control characters other
+    than tab and newline, and unpaired surrogates (undecodable bytes from a file)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserInputError("The prompt is empty: type some text.")
+    if len(prompt) > max_prompt_chars():
+        raise UserInputError(f"The prompt has {len(prompt)} characters; the limit is {max_prompt_chars()} "
+                             "(set CIRCUITSCOPE_MAX_CHARS).")
+    for position, char in enumerate(prompt):
+        category = unicodedata.category(char)
+        if (category == "Cc" and char not in "\t\n\r") or category == "Cs":
+            raise UserInputError(f"The prompt contains an invisible control or undecodable character "
+                                 f"(U+{ord(char):04X}) at character {position}; remove it.")
 
 
 def token_text(handle: ModelHandle, token_id: int) -> str:

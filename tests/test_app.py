@@ -202,3 +202,31 @@ def test_gallery_lists_saved_analyses(app):
     app.run()
     assert not app.exception
     assert any("Listed in the gallery" in m.value for m in app.markdown)
+
+
+@pytest.mark.parametrize("page, params, message", [
+    ("views/graph.py", {"prompt": "The capital of France is", "k": "99999", "nt": "7"}, None),
+    ("views/inspector.py", {"prompt": "bell\x07 ring"}, "U+0007"),
+    ("views/inspector.py", {"prompt": "x" * 20_001}, "characters; the limit"),
+    ("views/circuit.py", {"cn": "-5", "ctarget": "3"}, None),
+])
+def test_out_of_range_settings_and_bad_text_never_crash_a_page(app, page, params, message):
+    app.switch_page(page)
+    app.query_params.update(**params)
+    app.run()
+    assert not app.exception
+    if message:
+        assert any(message in e.value for e in app.error)
+
+
+def test_out_of_memory_shows_a_message_in_the_page(app, monkeypatch):
+    import torch
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("backend.heatmaps.heatmap", exhausted)
+    app.switch_page("views/heatmaps.py")
+    app.run()
+    assert not app.exception
+    assert any("Out of memory" in e.value for e in app.error)

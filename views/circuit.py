@@ -8,7 +8,8 @@ from backend.heatmaps import attention_pattern
 from components.circuit_view import circuit_figure, faithfulness_curve
 from components.graph_view import selected_node_id
 from components.heatmap import pattern_figure
-from views.common import chart, current, opened, set_url_state, show_user_errors, url_state, write_url
+from views.common import (chart, current, in_range, opened, set_url_state, show_user_errors, url_state,
+                          write_url)
 from views.intervene_panel import intervene_panel
 from views.pair_inputs import pair_inputs
 from views.save_panel import node_labels, save_panel
@@ -24,9 +25,9 @@ clean = selection.prompt
 corrupt, answer, wrong = pair_inputs(handle, selection)
 
 url_state("cmethod", "eap", lambda text: text if text in METHODS else "eap")
-url_state("csteps", 5, int)
-url_state("cn", 0, int)
-url_state("ctarget", 0.0, float)
+url_state("csteps", 5, in_range(int, 1, 50))
+url_state("cn", 0, in_range(int, 0, 10**7))
+url_state("ctarget", 0.0, in_range(float, 0.0, 1.0))
 url_state("cpos", False, lambda text: text == "1")
 selected: str = url_state("cnode", "")
 

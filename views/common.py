@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from backend.errors import UserInputError
+from backend.errors import OUT_OF_MEMORY, UserInputError, is_out_of_memory
 from backend.models import DEFAULT_MODEL, EMBEDDED_MODELS, ModelHandle, get_model, is_loaded
 from backend.prompts import encode_prompt, resolve_token
 
@@ -126,24 +126,42 @@ def current() -> tuple[Selection, ModelHandle]:
 
 
 def show_user_errors(fn, *args, **kwargs):
-    """Call ``fn``; a UserInputError becomes st.error and None instead of a traceback."""
+    """Call ``fn``; a UserInputError or running out of memory becomes st.error and None
+    instead of a traceback."""
     try:
         return fn(*args, **kwargs)
     except UserInputError as exc:
         st.error(str(exc))
-        return None
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        st.error(OUT_OF_MEMORY)
+    return None
 
 
 def url_state(key: str, default, parse=str):
-    """A page setting kept in the session and the URL: seeded once from ``?key=``."""
+    """A page setting kept in the session and the URL: seeded once from ``?key=``; a value
+    the parser refuses falls back to ``default`` with a warning."""
     state_key = f"url_{key}"
     if state_key not in st.session_state:
         raw = st.query_params.get(key)
         try:
             st.session_state[state_key] = parse(raw) if raw is not None else default
-        except (ValueError, TypeError):
+        except (ValueError, TypeError) as exc:
+            st.warning(f"Ignored the link's setting {key}={raw[:50]!r} ({exc}); using {default!r}.")
             st.session_state[state_key] = default
     return st.session_state[state_key]
+
+
+def in_range(parse, low, high):
+    """A URL parser that also refuses values outside [low, high] (widgets would raise)."""
+    def checked(text: str):
+        value = parse(text)
+        if not low <= value <= high:
+            raise ValueError(f"outside {low}..{high}")
+        return value
+
+    return checked
 
 
 def set_url_state(key: str, value, render=str) -> None:

@@ -4,7 +4,6 @@ import json
 
 import streamlit as st
 
-from backend.errors import UserInputError
 from backend.edge_heads import edge_heads
 from backend.graph import AttributionGraph, attribution_graph
 from backend.graph_json import GraphView, node_ids, parse_graph_json, to_graph_json, view_from_graph
@@ -13,7 +12,8 @@ from backend.neurons import neuron_view
 from components.charts import head_grid
 from components.graph_view import edges_of, graph_figure, selected_node_id
 from components.neuron_panel import neuron_panel
-from views.common import chart, current, opened, set_url_state, show_user_errors, url_state, write_url
+from views.common import (chart, current, in_range, opened, set_url_state, show_user_errors, url_state,
+                          write_url)
 from views.intervene_panel import intervene_panel
 from views.save_panel import node_labels, save_panel
 
@@ -36,9 +36,9 @@ def _supernodes(text: str) -> list[list[str]]:
 pinned: list[str] = url_state("pinned", [], _csv)
 supernodes: list[list[str]] = url_state("supernodes", [], _supernodes)
 selected: str = url_state("node", "")
-url_state("k", 200, int)
-url_state("nt", 0.8, float)
-url_state("et", 0.98, float)
+url_state("k", 200, in_range(int, 1, 2000))
+url_state("nt", 0.8, in_range(float, 0.1, 1.0))
+url_state("et", 0.98, in_range(float, 0.1, 1.0))
 url_state("wrong", "")
 
 with st.expander("Settings", expanded=False):
@@ -63,21 +63,19 @@ def compute_graph() -> tuple[GraphView | None, AttributionGraph | None]:
     if uploaded is not None:
         return show_user_errors(parse_graph_json, uploaded.getvalue()), None
     bar = st.progress(0.0, text="Computing the attribution graph")
-    try:
-        graph = attribution_graph(
-            handle,
-            selection.prompt,
-            selection.target or None,
-            wrong=st.session_state.url_wrong.strip() or None,
-            max_nodes=int(st.session_state.url_k),
-            progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
-        )
-        return view_from_graph(graph, st.session_state.url_nt, st.session_state.url_et), graph
-    except UserInputError as exc:
-        st.error(str(exc))
+    graph = show_user_errors(
+        attribution_graph,
+        handle,
+        selection.prompt,
+        selection.target or None,
+        wrong=st.session_state.url_wrong.strip() or None,
+        max_nodes=int(st.session_state.url_k),
+        progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
+    )
+    bar.empty()
+    if graph is None:
         return None, None
-    finally:
-        bar.empty()
+    return show_user_errors(view_from_graph, graph, st.session_state.url_nt, st.session_state.url_et), graph
 
 
 view, graph = compute_graph()

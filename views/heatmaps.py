@@ -12,7 +12,7 @@ from components.heatmap import (
     selected_head,
 )
 from components.neuron_panel import neuron_panel
-from views.common import current, set_url_state, show_user_errors, url_state, write_url
+from views.common import current, in_range, set_url_state, show_user_errors, url_state, write_url
 from views.intervene_panel import intervene_panel
 
 LABELS = {
@@ -28,14 +28,14 @@ LABELS = {
 st.title("Heatmaps and logit lens")
 selection, handle = current()
 n_layers, d_mlp = handle.adapter.n_layers, handle.adapter.d_mlp
-url_state("q", "target_prob")
+url_state("q", "target_prob", lambda text: text if text in QUANTITIES else QUANTITIES[0])
 url_state("second", "")
-url_state("nl", n_layers - 1, int)
-url_state("ni", 0, int)
+url_state("nl", n_layers - 1, in_range(int, 0, n_layers - 1))
+url_state("ni", 0, in_range(int, 0, d_mlp - 1))
 url_state("compare", "")
 cell_text = url_state("cell", "")
-head_layer = url_state("hl", n_layers - 1, int)
-head = url_state("head", 0, int)
+head_layer = url_state("hl", n_layers - 1, in_range(int, 0, n_layers - 1))
+head = url_state("head", 0, in_range(int, 0, handle.adapter.n_heads - 1))
 
 controls = st.columns([2, 1, 1, 1])
 controls[0].selectbox("Quantity", QUANTITIES, format_func=LABELS.get, key="url_q")

@@ -8,7 +8,8 @@ from backend.paths import PathResult, neuron_path, recurring_neurons
 from components.heatmap import selected_cell
 from components.neuron_panel import neuron_panel
 from components.paths_view import evaluation_figure, path_figure
-from views.common import chart, current, opened, set_url_state, show_user_errors, url_state, write_url
+from views.common import (chart, current, in_range, opened, set_url_state, show_user_errors, url_state,
+                          write_url)
 from views.intervene_panel import intervene_panel
 from views.save_panel import save_panel
 
@@ -16,8 +17,8 @@ st.title("Influential neuron path")
 st.caption("NeuronPath (Wang et al., 2025): one neuron per layer chosen by joint attribution to p(target), "
            "at the last position; compared with the most activated neuron and greedy gradient × activation.")
 selection, handle = current()
-url_state("steps", 20, int)
-url_state("topk", 1, int)
+url_state("steps", 20, in_range(int, 1, 100))
+url_state("topk", 1, in_range(int, 1, 10))
 url_state("others", "")
 chosen_text = url_state("neuron", "")
 
