@@ -81,6 +81,19 @@ def chromium_page(width: int = 1400, height: int = 1000):
             browser.close()
 
 
+@contextmanager
+def chromium_pages(count: int, width: int = 1400, height: int = 1000):
+    """``count`` pages in separate browser contexts: separate users, one browser."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield [browser.new_context(viewport={"width": width, "height": height}).new_page() for _ in range(count)]
+        finally:
+            browser.close()
+
+
 def wait_until_idle(page, timeout_ms: int = 180_000) -> None:
     """Wait until streamlit's 'running' indicator is gone (the script run finished)."""
     page.wait_for_timeout(500)

@@ -1,9 +1,12 @@
 """Browser tests: the served app in headless Chromium, as a user sees it."""
 
+from urllib.parse import quote
+
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser import chromium_page, require_chromium, served_app, wait_until_idle
+from tests.browser import chromium_page, chromium_pages, require_chromium, served_app, wait_until_idle
+from tests.conftest import IOI_PROMPT
 
 pytestmark = pytest.mark.browser
 
@@ -148,3 +151,26 @@ def test_exported_figure_html_opens_offline(tmp_path):
         expect(page.get_by_text("notes & more")).to_be_visible()
         assert page.locator(".js-plotly-plot .scatterlayer .trace").count() >= 2
     assert requests == []  # nothing fetched from the network
+
+
+def test_three_sessions_a_simple_page_during_a_long_graph_and_cancel(app_url):
+    """Three users at once: each sees its own prompt's prediction; while one computes a large
+    graph, another still gets the gallery page; cancelling leaves the shared model clean."""
+    cases = {"The capital of France is": "␣Paris", IOI_PROMPT: "␣Mary", "The Eiffel Tower is in the city of": "␣Paris"}
+    with chromium_pages(3) as (first, second, third):
+        for page, prompt in zip((first, second, third), cases):
+            page.goto(f"{app_url}/inspector?prompt={quote(prompt)}")
+        for page, expected in zip((first, second, third), cases.values()):
+            expect(metric(page, "Target")).to_have_text(expected, timeout=180_000)
+
+        first.goto(f"{app_url}/graph?prompt={quote('The capital of France is')}&k=1500")
+        cancel = first.get_by_role("button", name="Cancel")
+        cancel.wait_for(timeout=120_000)
+        second.goto(f"{app_url}/gallery")
+        second.get_by_role("heading", name="Gallery").wait_for(timeout=30_000)  # answered during the graph
+        expect(first.get_by_role("progressbar")).to_be_visible()  # still computing
+
+        cancel.click()
+        first.get_by_text("Cancelled.").wait_for(timeout=120_000)
+        third.goto(f"{app_url}/inspector?prompt={quote(IOI_PROMPT)}")
+        expect(metric(third, "Target")).to_have_text("␣Mary", timeout=60_000)

@@ -8,8 +8,8 @@ from backend.heatmaps import attention_pattern
 from components.circuit_view import circuit_figure, faithfulness_curve
 from components.graph_view import selected_node_id
 from components.heatmap import pattern_figure
-from views.common import (chart, current, in_range, opened, set_url_state, show_user_errors, url_state,
-                          write_url)
+from views.common import (chart, current, in_range, opened, run_with_progress, set_url_state, show_user_errors,
+                          url_state, write_url)
 from views.intervene_panel import intervene_panel
 from views.pair_inputs import pair_inputs
 from views.save_panel import node_labels, save_panel
@@ -51,10 +51,8 @@ saved = opened("circuit")
 if saved is not None:
     result = CircuitResult.from_json(saved.result)
 else:
-    bar = st.progress(0.0, text="Scoring edges")
-    result = show_user_errors(cached_circuit, handle, clean, corrupt, answer, wrong, **settings,
-                              progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message))
-    bar.empty()
+    result = run_with_progress(cached_circuit, handle, clean, corrupt, answer, wrong, **settings,
+                               label="Scoring edges", key="circuit")
 if result is None:
     st.stop()
 

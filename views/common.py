@@ -139,6 +139,23 @@ def show_user_errors(fn, *args, **kwargs):
     return None
 
 
+def run_with_progress(fn, *args, label: str, key: str, **kwargs):
+    """A long backend call with a progress bar and a Cancel button. Cancel reruns the page,
+    which interrupts the call at its next progress report (its hooks are removed by their
+    context managers, nothing half-done is cached) and shows that it was cancelled."""
+    holder = st.empty()
+    with holder.container():
+        cancelled = st.button("Cancel", key=f"cancel_{key}", help="Stop this computation; the model stays clean.")
+        bar = st.progress(0.0, text=label)
+    if cancelled:
+        holder.empty()
+        st.info("Cancelled. Change a setting (or rerun the page) to compute again.")
+        st.stop()
+    result = show_user_errors(fn, *args, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m), **kwargs)
+    holder.empty()
+    return result
+
+
 def url_state(key: str, default, parse=str):
     """A page setting kept in the session and the URL: seeded once from ``?key=``; a value
     the parser refuses falls back to ``default`` with a warning."""

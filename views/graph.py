@@ -12,8 +12,8 @@ from backend.neurons import neuron_view
 from components.charts import head_grid
 from components.graph_view import edges_of, graph_figure, selected_node_id
 from components.neuron_panel import neuron_panel
-from views.common import (chart, current, in_range, opened, set_url_state, show_user_errors, url_state,
-                          write_url)
+from views.common import (chart, current, in_range, opened, run_with_progress, set_url_state, show_user_errors,
+                          url_state, write_url)
 from views.intervene_panel import intervene_panel
 from views.save_panel import node_labels, save_panel
 
@@ -62,17 +62,11 @@ def compute_graph() -> tuple[GraphView | None, AttributionGraph | None]:
         return show_user_errors(parse_graph_json, saved.result), None
     if uploaded is not None:
         return show_user_errors(parse_graph_json, uploaded.getvalue()), None
-    bar = st.progress(0.0, text="Computing the attribution graph")
-    graph = show_user_errors(
-        attribution_graph,
-        handle,
-        selection.prompt,
-        selection.target or None,
-        wrong=st.session_state.url_wrong.strip() or None,
-        max_nodes=int(st.session_state.url_k),
-        progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
+    graph = run_with_progress(
+        attribution_graph, handle, selection.prompt, selection.target or None,
+        wrong=st.session_state.url_wrong.strip() or None, max_nodes=int(st.session_state.url_k),
+        label="Computing the attribution graph", key="graph",
     )
-    bar.empty()
     if graph is None:
         return None, None
     return show_user_errors(view_from_graph, graph, st.session_state.url_nt, st.session_state.url_et), graph

@@ -5,7 +5,8 @@ import streamlit as st
 
 from backend.patching import METHODS, SITES, PatchResult, patch_one, patching
 from components.heatmap import clickable_grid, selected_cell
-from views.common import chart, current, opened, set_url_state, show_user_errors, url_state, write_url
+from views.common import (chart, current, opened, run_with_progress, set_url_state, show_user_errors, url_state,
+                          write_url)
 from views.intervene_panel import intervene_panel
 from views.pair_inputs import pair_inputs
 from views.save_panel import save_panel
@@ -38,13 +39,8 @@ saved = opened("patching")
 if saved is not None:
     result = PatchResult.from_json(saved.result)
 else:
-    bar = st.progress(0.0, text="Patching")
-    result = show_user_errors(
-        patching, handle, clean, corrupt, answer, wrong,
-        methods=methods, freeze_attention=st.session_state.url_frozen,
-        progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
-    )
-    bar.empty()
+    result = run_with_progress(patching, handle, clean, corrupt, answer, wrong, methods=methods,
+                               freeze_attention=st.session_state.url_frozen, label="Patching", key="patching")
 if result is None:
     st.stop()
 

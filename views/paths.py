@@ -8,8 +8,8 @@ from backend.paths import PathResult, neuron_path, recurring_neurons
 from components.heatmap import selected_cell
 from components.neuron_panel import neuron_panel
 from components.paths_view import evaluation_figure, path_figure
-from views.common import (chart, current, in_range, opened, set_url_state, show_user_errors, url_state,
-                          write_url)
+from views.common import (chart, current, in_range, opened, run_with_progress, set_url_state, show_user_errors,
+                          url_state, write_url)
 from views.intervene_panel import intervene_panel
 from views.save_panel import save_panel
 
@@ -32,12 +32,9 @@ saved = opened("paths")
 if saved is not None:
     result = PathResult.from_json(saved.result)
 else:
-    bar = st.progress(0.0, text="Searching the path")
-    result = show_user_errors(
-        neuron_path, handle, selection.prompt, selection.target or None, steps=int(st.session_state.url_steps),
-        top_k=int(st.session_state.url_topk), progress=lambda f, m: bar.progress(min(f, 1.0), text=m),
-    )
-    bar.empty()
+    result = run_with_progress(neuron_path, handle, selection.prompt, selection.target or None,
+                               steps=int(st.session_state.url_steps), top_k=int(st.session_state.url_topk),
+                               label="Searching the path", key="paths")
 if result is None:
     st.stop()
 
