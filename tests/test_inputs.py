@@ -169,3 +169,11 @@ def test_out_of_memory_is_a_plain_message_and_leaves_the_model_clean(tiny_llama,
     monkeypatch.setattr("backend.lens.logit_lens", exhausted)
     assert main(["lens", "--prompt", "a b", "--out", str(tmp_path / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
+
+
+def test_server_binds_to_localhost_with_an_upload_limit():
+    import tomllib
+    from pathlib import Path
+
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "localhost" and config["server"]["maxUploadSize"] <= 50
