@@ -100,11 +100,22 @@ class ArchAdapter:
         return logits
 
 
+def parameter(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+    """A module's parameter as a real tensor, also when Accelerate offloaded it to disk or CPU
+    (a sharded model keeps it on the meta device): then loaded for this read and copied."""
+    value = getattr(module, name, None)
+    if value is None or value.device.type != "meta":
+        return value
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        return getattr(module, name).detach().clone()
+
+
 def _linear_weight(module: nn.Module) -> torch.Tensor:
     """Weight as [out, in] for both nn.Linear and GPT-2's Conv1D (stored [in, out])."""
-    if type(module).__name__ == "Conv1D":
-        return module.weight.T
-    return module.weight
+    weight = parameter(module)
+    return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
 def build_adapter(model: nn.Module) -> ArchAdapter:

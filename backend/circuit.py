@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .arch import parameter
 from .cache import BoundedCache
 from .errors import UserInputError
 from .hooks import Hook, first_tensor, hooked
@@ -154,7 +155,7 @@ def component_forward(
 
     def split_heads(layer: int):
         weight = adapter.o_proj_weight(layer).view(adapter.d_model, n_heads, adapter.head_dim)
-        bias = getattr(adapter.layers[layer].o_proj, "bias", None)
+        bias = parameter(adapter.layers[layer].o_proj, "bias")
 
         def fn(module, args):
             z = args[0].view(n_heads, args[0].shape[1], n_heads, adapter.head_dim)

@@ -55,3 +55,21 @@ def trust_remote_code() -> bool:
     """Run a model repository's own Python code: only when the operator sets
     CIRCUITSCOPE_TRUST_REMOTE_CODE=1 (never from the page). Default off."""
     return os.environ.get("CIRCUITSCOPE_TRUST_REMOTE_CODE") == "1"
+
+
+def device_map() -> str | None:
+    """Shard models over devices with Accelerate (CIRCUITSCOPE_DEVICE_MAP: auto, balanced,
+    sequential); unset = the whole model on one device."""
+    return os.environ.get("CIRCUITSCOPE_DEVICE_MAP") or None
+
+
+def max_memory() -> dict | None:
+    """Per-device budget for sharding (CIRCUITSCOPE_MAX_MEMORY, e.g. "0=20GiB,1=20GiB,cpu=64GiB");
+    what does not fit is offloaded to disk under the cache directory."""
+    raw = os.environ.get("CIRCUITSCOPE_MAX_MEMORY", "")
+    budget = {}
+    for part in raw.split(","):
+        if "=" in part:
+            device, size = (x.strip() for x in part.split("=", 1))
+            budget[int(device) if device.isdigit() else device] = size
+    return budget or None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .arch import parameter
 from .cache import results_cache
 from .errors import UserInputError
 from .lens import LensResult, logit_lens, row_labels
@@ -95,7 +96,7 @@ def target_readout(handle: ModelHandle, prompt: str, target_id: int) -> np.ndarr
     unembed = adapter.unembed_weight()
     direction = unembed[target_id] - unembed.mean(0)
     norm = adapter.final_norm
-    weight = getattr(norm, "weight", None)
+    weight = parameter(norm, "weight")
     if weight is not None:
         direction = direction * (1.0 + weight if type(norm).__name__.startswith("Gemma") else weight)
     final = torch.as_tensor(trace.resid[-1], device=direction.device)

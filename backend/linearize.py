@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .arch import parameter
 from .hooks import Hook, hooked
 from .models import ModelHandle
 
@@ -68,9 +69,9 @@ def norm_modules(handle: ModelHandle) -> list[nn.Module]:
 def _norm_parts(module: nn.Module) -> tuple[bool, torch.Tensor | None, torch.Tensor | None, float]:
     """(centred, effective weight, bias, eps) of a norm layer."""
     if isinstance(module, nn.LayerNorm):
-        return True, module.weight, module.bias, module.eps
+        return True, parameter(module, "weight"), parameter(module, "bias"), module.eps
     eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-    weight = getattr(module, "weight", None)
+    weight = parameter(module, "weight")
     if weight is not None and type(module).__name__.startswith("Gemma"):
         weight = 1.0 + weight.float()  # Gemma scales by (1 + w)
     return False, weight, None, eps

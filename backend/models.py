@@ -125,6 +125,9 @@ def _load_pretrained(source: str | Path, **kwargs) -> tuple[nn.Module, object]:
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=remote_code, **kwargs)
     if "gguf_file" not in kwargs:
         kwargs["use_safetensors"] = True  # never unpickle a .bin
+        if config.device_map():
+            kwargs.update(device_map=config.device_map(), max_memory=config.max_memory(),
+                          offload_folder=str(config.cache_dir() / "offload"))
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch.float32, attn_implementation="eager", trust_remote_code=remote_code, **kwargs
     )
@@ -186,6 +189,15 @@ def _from_hub(hub_id: str) -> tuple[nn.Module, object]:
         ) from exc
 
 
+def _input_device(embed: nn.Module) -> torch.device:
+    """Where a model sharded by Accelerate wants its input ids: the embedding's execution
+    device (Accelerate's hooks move activations between the other devices)."""
+    device = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+    if device is None:
+        device = embed.weight.device
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+
+
 def _check_allowed(name: str, path: Path) -> None:
     """With CIRCUITSCOPE_MODEL_DIRS set, only paths inside those folders (no hub ids)."""
     allowed = config.allowed_model_dirs()
@@ -224,10 +236,13 @@ def load_uncached(name: str, progress: Progress = _no_progress) -> ModelHandle:
             raise UserInputError(
                 f"Unknown model '{name}': use smollm2, gemma3-270m, an existing folder, a .gguf file or org/name."
             )
-    device = pick_device()
-    model.to(device).eval()
+    sharded = len(set(getattr(model, "hf_device_map", {}).values())) > 1
+    if not sharded:
+        model.to(pick_device())
+    model.eval()
     model.requires_grad_(False)
     adapter = build_adapter(model)
+    device = _input_device(adapter.embed) if sharded else pick_device()
     progress(1.0, f"Loaded {name} in {time.perf_counter() - started:.1f} s")
     return ModelHandle(name=name, model=model, tokenizer=tokenizer, adapter=adapter, device=device)
 

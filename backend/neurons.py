@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .arch import parameter
 from .cache import results_cache
 from .errors import UserInputError
 from .models import ModelHandle
@@ -37,7 +38,7 @@ def cached_trace(handle: ModelHandle, prompt: str) -> Trace:
 def direction_logit_scores(handle: ModelHandle, direction: torch.Tensor) -> torch.Tensor:
     """Direct effect of a unit write along ``direction`` on every logit: W_U (w_norm ⊙ d)."""
     norm = handle.adapter.final_norm
-    weight = getattr(norm, "weight", None)
+    weight = parameter(norm, "weight")
     if weight is not None:
         direction = direction * (1.0 + weight if type(norm).__name__.startswith("Gemma") else weight)
     return handle.adapter.unembed_weight() @ direction

@@ -177,7 +177,7 @@ def test_saved_circuit_reopens_after_a_restart_without_recomputing(app, monkeypa
     app.run()
     assert not app.exception
     computed = _chart_spec(app, "circuit_chart")
-    result = next(iter(circuit_module.circuit_cache._items.values()))
+    result = list(circuit_module.circuit_cache._items.values())[-1]  # the one the page just used
     url = {"cn": "200", "cnode": "a23.h3", "prompt": IOI}
     analysis = Store().save("circuit", "IOI round trip", "smollm2", IOI, result.to_json(),
                             settings={"page": "circuit", "url": url})
