@@ -8,8 +8,8 @@ from backend.heatmaps import attention_pattern
 from components.circuit_view import circuit_figure, faithfulness_curve
 from components.graph_view import selected_node_id
 from components.heatmap import pattern_figure
-from views.common import (chart, current, in_range, opened, run_with_progress, set_url_state, show_user_errors,
-                          url_state, write_url)
+from views.common import (chart, current, follow_click, in_range, opened, run_with_progress, set_url_state,
+                          show_user_errors, url_state, write_url)
 from views.intervene_panel import intervene_panel
 from views.pair_inputs import pair_inputs
 from views.save_panel import node_labels, save_panel
@@ -79,11 +79,7 @@ with left:
                             labels=node_labels())
     event = chart(figure, "circuit_chart", export=f"Circuit: {clean} ({answer!r} vs {wrong!r})", on_select="rerun",
                   selection_mode="points")
-    clicked = selected_node_id(event)
-    if clicked and clicked != st.session_state.get("circuit_last_click"):
-        st.session_state.circuit_last_click = clicked
-        set_url_state("cnode", clicked)
-        st.rerun()
+    follow_click(selected_node_id(event), "cnode")
     st.caption("Blue: corrupting the edge lowers the metric (it carries the behaviour); red: it raises it. "
                "Width grows with |score|; large markers are the circuit's nodes.")
     chart(faithfulness_curve(result.curve, n_chosen, result.random_faithfulness), "circuit_curve",

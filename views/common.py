@@ -187,6 +187,17 @@ def set_url_state(key: str, value, render=str) -> None:
     write_url(key, value, render)
 
 
+def follow_click(clicked, key: str, value=None) -> None:
+    """A new click on a figure (not the one already handled) becomes the URL setting ``key``
+    (``value``, default the click itself) and reruns the page to show it."""
+    marker = f"{key}_last_click"
+    if clicked is None or clicked == st.session_state.get(marker):
+        return
+    st.session_state[marker] = clicked
+    set_url_state(key, clicked if value is None else value)
+    st.rerun()
+
+
 def write_url(key: str, value, render=str) -> None:
     """Write one setting to the URL (for widgets whose key is ``url_<key>``)."""
     text = render(value) if value not in (None, "", [], {}) else ""

@@ -12,8 +12,8 @@ from backend.neurons import neuron_view
 from components.charts import head_grid
 from components.graph_view import edges_of, graph_figure, selected_node_id
 from components.neuron_panel import neuron_panel
-from views.common import (chart, current, in_range, opened, run_with_progress, set_url_state, show_user_errors,
-                          url_state, write_url)
+from views.common import (chart, current, follow_click, in_range, opened, run_with_progress, set_url_state,
+                          show_user_errors, url_state, write_url)
 from views.intervene_panel import intervene_panel
 from views.save_panel import node_labels, save_panel
 
@@ -101,11 +101,7 @@ with left:
     )
     event = chart(figure, "graph_chart", export=f"Attribution graph: {''.join(view.tokens)}", on_select="rerun",
                   selection_mode="points")
-    clicked = selected_node_id(event)
-    if clicked and clicked != st.session_state.get("graph_last_click"):
-        st.session_state.graph_last_click = clicked
-        set_url_state("node", clicked)
-        st.rerun()
+    follow_click(selected_node_id(event), "node")
 
 
 def select(node_id: str) -> None:

@@ -12,7 +12,7 @@ from components.heatmap import (
     selected_head,
 )
 from components.neuron_panel import neuron_panel
-from views.common import current, in_range, set_url_state, show_user_errors, url_state, write_url
+from views.common import current, follow_click, in_range, set_url_state, show_user_errors, url_state, write_url
 from views.intervene_panel import intervene_panel
 
 LABELS = {
@@ -74,10 +74,7 @@ figure = clickable_grid(
 )
 event = st.plotly_chart(figure, key="heatmap_grid", on_select="rerun", selection_mode="points")
 clicked = selected_cell(event)
-if clicked and clicked != st.session_state.get("heatmap_last_click"):
-    st.session_state.heatmap_last_click = clicked
-    set_url_state("cell", f"{clicked[0]},{clicked[1]}")
-    st.rerun()
+follow_click(clicked, "cell", clicked and f"{clicked[0]},{clicked[1]}")
 
 compare_prompt = st.session_state.url_compare.strip()
 if compare_prompt:
@@ -139,11 +136,7 @@ if patterns is not None:
     with small:
         head_event = st.plotly_chart(head_multiples(patterns, grid.tokens, selected=head), key="head_grid",
                                      on_select="rerun", selection_mode="points")
-        picked = selected_head(head_event)
-        if picked is not None and picked != st.session_state.get("head_last_click"):
-            st.session_state.head_last_click = picked
-            set_url_state("head", picked)
-            st.rerun()
+        follow_click(selected_head(head_event), "head")
     with large:
         shown_head = min(head, len(patterns) - 1)
         st.plotly_chart(pattern_figure(patterns[shown_head], grid.tokens, f"Layer {int(layer_choice)}, head {shown_head}"),

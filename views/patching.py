@@ -5,7 +5,7 @@ import streamlit as st
 
 from backend.patching import METHODS, SITES, PatchResult, patch_one, patching
 from components.heatmap import clickable_grid, selected_cell
-from views.common import (chart, current, opened, run_with_progress, set_url_state, show_user_errors, url_state,
+from views.common import (chart, current, follow_click, opened, run_with_progress, show_user_errors, url_state,
                           write_url)
 from views.intervene_panel import intervene_panel
 from views.pair_inputs import pair_inputs
@@ -68,10 +68,7 @@ for site in SITES:
         event = chart(figure, f"patch_{site}_{method}", where=column, export=f"{NAMES[method]}, {SITE_NAMES[site]}: {clean}",
                       on_select="rerun", selection_mode="points")
         cell = selected_cell(event)
-        if cell and f"{site}:{cell[0]},{cell[1]}" != st.session_state.get("patch_last_click"):
-            st.session_state.patch_last_click = f"{site}:{cell[0]},{cell[1]}"
-            set_url_state("pcell", f"{site}:{cell[0]},{cell[1]}")
-            st.rerun()
+        follow_click(cell and f"{site}:{cell[0]},{cell[1]}", "pcell")
     if clicked_text.startswith(f"{site}:"):
         layer, index = (int(v) for v in clicked_text.split(":")[1].split(","))
         single = show_user_errors(patch_one, handle, clean, corrupt, answer,

@@ -8,7 +8,7 @@ from backend.paths import PathResult, neuron_path, recurring_neurons
 from components.heatmap import selected_cell
 from components.neuron_panel import neuron_panel
 from components.paths_view import evaluation_figure, path_figure
-from views.common import (chart, current, in_range, opened, run_with_progress, set_url_state, show_user_errors,
+from views.common import (chart, current, follow_click, in_range, opened, run_with_progress, show_user_errors,
                           url_state, write_url)
 from views.intervene_panel import intervene_panel
 from views.save_panel import save_panel
@@ -50,10 +50,7 @@ with left:
     event = chart(path_figure(result.path, result.baselines, chosen), "path_chart", export=f"Neuron path: {selection.prompt}",
                   on_select="rerun", selection_mode="points")
     clicked = selected_cell(event)
-    if clicked and clicked != st.session_state.get("path_last_click"):
-        st.session_state.path_last_click = clicked
-        set_url_state("neuron", f"{clicked[0]},{clicked[1]}")
-        st.rerun()
+    follow_click(clicked, "neuron", clicked and f"{clicked[0]},{clicked[1]}")
 with right:
     st.markdown("**Remove (zero) or enhance (×2) each path: change in p(target)**")
     chart(evaluation_figure(result.evaluation), "evaluation_chart", export=f"Path evaluation: {selection.prompt}")
