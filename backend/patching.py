@@ -67,17 +67,46 @@ def check_pair(handle: ModelHandle, clean: str, corrupt: str) -> tuple[list[int]
     return clean_ids, corrupt_ids
 
 
-def propose_corruption(prompt: str) -> str:
-    """Swap two names: the last occurrence of the most repeated capitalized name becomes
-    the other name ("..., John gave a drink to" -> "..., Mary gave a drink to")."""
+# Words to swap for one another when a prompt has no two names: a corrupted prompt then asks
+# the same question about another entity.
+SWAP_WORDS = (
+    ("France", "Italy", "Germany", "Spain", "Japan", "China", "Egypt", "Canada", "Brazil", "Russia", "India"),
+    ("Paris", "Rome", "Berlin", "Madrid", "Tokyo", "London", "Cairo", "Moscow"),
+    ("Mary", "John", "Alice", "Bob", "Tom", "Anna", "James", "Sarah"),
+    ("he", "she"), ("his", "her"), ("man", "woman"), ("king", "queen"),
+    ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
+)
+
+
+def propose_corruption(prompt: str, handle: ModelHandle | None = None) -> str:
+    """A corrupted prompt: swap two names (the last occurrence of the most repeated
+    capitalized name becomes the other name: "..., John gave a drink to" -> "..., Mary gave
+    a drink to"); else replace the last word found in SWAP_WORDS by another of its group with
+    the same token length (needs ``handle``): "The capital of France is" -> "... Italy is"."""
     words = re.findall(r"\b[A-Z][a-z]+\b", prompt)
     names = [w for w in dict.fromkeys(words) if words.index(w) > 0 or prompt.find(w) > 0]
-    if len(names) < 2:
-        raise UserInputError("No two names to swap in the prompt; type a corrupted prompt instead.")
-    repeated = max(names, key=words.count)
-    other = next(n for n in names if n != repeated)
-    start = [m.start() for m in re.finditer(rf"\b{repeated}\b", prompt)][-1]
-    return prompt[:start] + other + prompt[start + len(repeated):]
+    repeated = max(names, key=words.count) if names else None
+    if len(names) >= 2 and words.count(repeated) >= 2:
+        other = next(n for n in names if n != repeated)
+        start = [m.start() for m in re.finditer(rf"\b{repeated}\b", prompt)][-1]
+        return prompt[:start] + other + prompt[start + len(repeated):]
+    if handle is not None:
+        replaced = _replace_same_length(handle, prompt)
+        if replaced:
+            return replaced
+    raise UserInputError("No two names or known words to swap in the prompt; type a corrupted prompt instead.")
+
+
+def _replace_same_length(handle: ModelHandle, prompt: str) -> str | None:
+    length = len(encode_prompt(handle, prompt))
+    found = [(m.start(), m.group(), group) for group in SWAP_WORDS
+             for m in re.finditer(rf"\b({'|'.join(group)})\b", prompt)]
+    for start, word, group in sorted(found, reverse=True):  # the last word first
+        for other in group:
+            candidate = prompt[:start] + other + prompt[start + len(word):]
+            if other != word and len(encode_prompt(handle, candidate)) == length:
+                return candidate
+    return None
 
 
 # ---------------------------------------------------------------- reading and writing sites

@@ -115,8 +115,12 @@ def test_bad_pairs_are_refused(tiny_llama):
         patching(tiny_llama, CLEAN, CORRUPT, " Mary", " John", methods=("magic",))
 
 
-def test_propose_corruption_swaps_the_repeated_name():
+def test_propose_corruption_swaps_the_repeated_name_or_a_word_of_the_same_length(tiny_llama):
     assert propose_corruption(CLEAN) == CORRUPT
+    france = "The capital of France is"
+    corrupted = propose_corruption(france, tiny_llama)
+    assert corrupted != france and corrupted.startswith("The capital of ") and corrupted.endswith(" is")
+    assert len(check_pair(tiny_llama, france, corrupted)[1]) == len(tiny_llama.tokenizer(france)["input_ids"])
     with pytest.raises(UserInputError):
         propose_corruption("the cat sat on the mat")
 

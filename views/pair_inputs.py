@@ -12,9 +12,9 @@ from backend.patching import propose_corruption
 from views.common import Selection, show_user_errors, url_state, write_url
 
 
-def _default_corruption(clean: str) -> str:
+def _default_corruption(clean: str, handle: ModelHandle) -> str:
     try:
-        return propose_corruption(clean)
+        return propose_corruption(clean, handle)
     except UserInputError:
         return ""
 
@@ -24,7 +24,7 @@ def _default_tokens(handle: ModelHandle, selection: Selection) -> tuple[str, str
     prediction when it differs, else the clean run's runner-up."""
     clean_top = inspect_prompt(handle, selection.prompt, n_continue=0)
     answer = selection.target or clean_top.top_predictions[0]["token"]
-    corrupt = st.session_state.get("url_corrupt") or _default_corruption(selection.prompt)
+    corrupt = st.session_state.get("url_corrupt") or _default_corruption(selection.prompt, handle)
     if corrupt:
         corrupt_top = show_user_errors(inspect_prompt, handle, corrupt, None, 0)
         if corrupt_top and corrupt_top.top_predictions[0]["token"] != answer:
@@ -34,17 +34,18 @@ def _default_tokens(handle: ModelHandle, selection: Selection) -> tuple[str, str
 
 def pair_inputs(handle: ModelHandle, selection: Selection) -> tuple[str, str, str]:
     """Draw the corrupted prompt, answer and wrong inputs; return (corrupt, answer, wrong)."""
-    url_state("corrupt", _default_corruption(selection.prompt))
+    url_state("corrupt", _default_corruption(selection.prompt, handle))
     answer_default, wrong_default = _default_tokens(handle, selection)
     url_state("answer", answer_default)
     url_state("wrong", wrong_default)
 
     def propose() -> None:
-        st.session_state.url_corrupt = _default_corruption(selection.prompt)
+        st.session_state.url_corrupt = _default_corruption(selection.prompt, handle)
 
     cols = st.columns([4, 1])
     cols[0].text_input("Corrupted prompt (same token length as the prompt in the sidebar)", key="url_corrupt")
-    cols[1].button("Propose (swap names)", on_click=propose)
+    cols[1].button("Propose", on_click=propose, help="Swap two names, or replace a country, city, name, pronoun or "
+                                                     "number by another of the same token length.")
     cols = st.columns(2)
     cols[0].text_input("Answer token", key="url_answer")
     cols[1].text_input("Wrong token", key="url_wrong")
