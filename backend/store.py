@@ -175,9 +175,11 @@ class Store:
         return _saved(row)
 
     def search(self, text: str = "", kind: str | None = None, limit: int = 200) -> list[Saved]:
-        """Newest first; ``text`` matches title, model, prompt or notes (case-insensitive)."""
+        """Newest first; ``text`` matches title, model, prompt or notes (case-insensitive).
+        The listing leaves ``result`` empty (it can be megabytes): ``get`` reads it."""
         pattern = f"%{text.strip()}%"
-        query = (f"SELECT {_COLUMNS} FROM analyses WHERE (title LIKE ? OR model LIKE ? OR prompt LIKE ? "
+        listed = _COLUMNS.replace("result", "'' AS result")
+        query = (f"SELECT {listed} FROM analyses WHERE (title LIKE ? OR model LIKE ? OR prompt LIKE ? "
                  "OR notes LIKE ?)")
         args: list = [pattern] * 4
         if kind:

@@ -268,13 +268,14 @@ def section_transformer_lens() -> dict:
     import transformer_lens.patching as tl_patching
     from transformer_lens.model_bridge import TransformerBridge
 
-    from backend.models import get_model
+    from backend.models import get_model, load_uncached
     from backend.patching import patching
     from backend.prompts import encode_prompt, resolve_token
 
     handle = get_model("smollm2")
     corrupt = "When Mary and John went to the store, Mary gave a drink to"
-    bridge = TransformerBridge.boot_transformers("HuggingFaceTB/SmolLM2-135M-Instruct", hf_model=handle.model,
+    separate = load_uncached("smollm2").model  # the bridge rewires the model it wraps: give it its own copy
+    bridge = TransformerBridge.boot_transformers("HuggingFaceTB/SmolLM2-135M-Instruct", hf_model=separate,
                                                  tokenizer=handle.tokenizer)
     bridge.enable_compatibility_mode()
     clean_t = torch.tensor([encode_prompt(handle, IOI)])
@@ -349,6 +350,7 @@ def main() -> None:
     previous = args.out / "results.json"
     sections = json.loads(previous.read_text())["sections"] if previous.exists() else {}
     results = {"machine": machine(), "sections": sections}  # sections not re-run keep their last numbers
+    failed: list[str] = []
     for name in args.sections.split(","):
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         python = sys.executable
@@ -359,12 +361,16 @@ def main() -> None:
             python = str(BENCH_PYTHON)
         proc = subprocess.run([python, __file__, "--child", name], capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
-            raise SystemExit(f"section {name} failed:\n{proc.stderr[-3000:]}")
+            failed.append(name)
+            print(f"[bench] section {name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
         results["sections"][name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    (args.out / "results.md").write_text(markdown(results))
+        args.out.mkdir(parents=True, exist_ok=True)  # written after each section: a failure keeps the rest
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        (args.out / "results.md").write_text(markdown(results))
     print(markdown(results))
+    if failed:
+        raise SystemExit(f"failed sections: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -138,4 +138,4 @@ with right:
                             extra={"corrupt_prompt": corrupt, "wrong": wrong})
 
 save_panel("circuit", f"Circuit: {clean[:80]}", result.to_json)
-st.download_button("Download the circuit JSON", result.to_json(), file_name="circuit.json", mime="application/json")
+st.download_button("Download the circuit JSON", result.to_json, file_name="circuit.json", mime="application/json")

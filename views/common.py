@@ -229,8 +229,9 @@ def chart(fig, key: str, where=None, export: str | None = None, **kwargs):
     event = (where or st).plotly_chart(fig, key=key, config=config, **kwargs)
     if export and not presenting():
         settings = {k: st.query_params.get(k) for k in st.query_params}
-        (where or st).download_button(
-            "Download figure (HTML)", figure_html(fig, export, settings, st.session_state.get("save_notes", "")),
+        notes = st.session_state.get("save_notes", "")
+        (where or st).download_button(  # built on click: plotly.js inlined makes it ~5 MB
+            "Download figure (HTML)", lambda: figure_html(fig, export, settings, notes),
             file_name=f"{key}.html", mime="text/html", key=f"{key}_html")
     return event
 

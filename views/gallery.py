@@ -52,7 +52,7 @@ for saved in rows:
         head[0].caption(saved.prompt[:200])
         head[1].button("Open", key=f"open_{saved.id}", on_click=open_analysis, args=(saved.id,),
                        help=None if saved.kind in FROM_SAVED else "Opens the page live: it recomputes in about a second.")
-        head[4].download_button("JSON", saved.result, file_name=f"{saved.kind}-{saved.id}.json", mime="application/json",
+        head[4].download_button("JSON", lambda analysis=saved.id: store.get(analysis).result, file_name=f"{saved.kind}-{saved.id}.json", mime="application/json",
                                 key=f"json_{saved.id}")
         with head[2].popover("Rename"):
             new_title = st.text_input("New title", saved.title, key=f"title_{saved.id}")

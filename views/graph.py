@@ -192,5 +192,5 @@ with pin_cols[1]:
 
 exported = to_graph_json(view, pinned=pinned, supernodes=supernodes, clicked=selected)
 save_panel("graph", f"Graph: {''.join(view.tokens)[:80]}", lambda: json.dumps(exported), supernodes=supernodes)
-st.download_button("Download graph JSON (Neuronpedia schema)", json.dumps(exported), file_name="attribution-graph.json",
+st.download_button("Download graph JSON (Neuronpedia schema)", lambda: json.dumps(exported), file_name="attribution-graph.json",
                    mime="application/json")
