@@ -252,11 +252,14 @@ def _compute(
             at_zero = linear_forward(handle, frozen, direct=True, embed_value=torch.zeros_like(run.embed), neuron_values=zeros)
         row_values = _row_values(run, features, matrix)
         bias_values = _row_values(at_zero, features, matrix).detach().cpu().numpy()
-        contributions = _edge_rows(run, row_values, features, len(ids), batch_size, progress)
-        k, n_layers, n_pos, n_logits = len(features), adapter.n_layers, len(ids), len(infos)
-        n_nodes = k + n_layers * n_pos + n_pos + 1 + n_logits
-        node_values = _node_values(run, row_values, k, n_nodes)
-        del run, at_zero
+        del at_zero
+    # The batched backward passes (most of the time) only walk the recorded autograd graph:
+    # no hook is attached any more, so other requests may run the model meanwhile.
+    contributions = _edge_rows(run, row_values, features, len(ids), batch_size, progress)
+    k, n_layers, n_pos, n_logits = len(features), adapter.n_layers, len(ids), len(infos)
+    n_nodes = k + n_layers * n_pos + n_pos + 1 + n_logits
+    node_values = _node_values(run, row_values, k, n_nodes)
+    del run
     adjacency = np.zeros((n_nodes, n_nodes), dtype=np.float32)
     target_rows = list(range(k)) + list(range(n_nodes - n_logits, n_nodes))
     adjacency[np.ix_(target_rows, range(contributions.shape[1]))] = contributions

@@ -123,3 +123,25 @@ def test_a_cancelled_analysis_leaves_the_model_clean(tiny_llama, analysis):
     run_again = {"graph": lambda: attribution_graph(tiny_llama, IOI_PROMPT, max_nodes=30)}.get(analysis)
     if run_again:
         assert run_again().settings["max_nodes"] == 30  # nothing half-done was cached
+
+
+def test_other_requests_run_while_a_graph_walks_its_backward_passes(tiny_llama):
+    """The graph holds the model's lock only while it runs the model: during its batched
+    backward passes another request completes (were the lock held, this would time out)."""
+    import threading
+
+    from backend.graph import attribution_graph
+    from backend.lens import logit_lens
+
+    clear_caches()
+    served = threading.Event()
+
+    def meanwhile(fraction, message):
+        if message.startswith("Edges") and not served.is_set():
+            worker = threading.Thread(target=lambda: (logit_lens(tiny_llama, "a b c d"), served.set()))
+            worker.start()
+            worker.join(timeout=60)
+            assert served.is_set(), "the lens request waited for the graph"
+
+    graph = attribution_graph(tiny_llama, IOI_PROMPT, max_nodes=20, progress=meanwhile)
+    assert served.is_set() and graph.settings["max_nodes"] == 20
