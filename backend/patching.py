@@ -303,31 +303,31 @@ def patching(
     report = progress or (lambda fraction, message: None)
     clean_t = torch.tensor([clean_ids], device=handle.device)
     corrupt_t = torch.tensor([corrupt_ids], device=handle.device)
-    with handle.lock:
-        cache, ld_clean = _run_clean(handle, clean_t, answer_id, wrong_id)
-        _, ld_corrupt = _run_clean(handle, corrupt_t, answer_id, wrong_id)
-        span = ld_clean - ld_corrupt
-        if abs(span) < 1e-6:
-            raise UserInputError("The clean and corrupted runs give the same logit difference: nothing to localize.")
-        grids: dict[str, dict] = {site: {} for site in sites}
-        seconds: dict[str, float] = {}
-        if "exact" in methods:
+    # every pass takes the model's lock itself (hooked), so other requests interleave between batches
+    cache, ld_clean = _run_clean(handle, clean_t, answer_id, wrong_id)
+    _, ld_corrupt = _run_clean(handle, corrupt_t, answer_id, wrong_id)
+    span = ld_clean - ld_corrupt
+    if abs(span) < 1e-6:
+        raise UserInputError("The clean and corrupted runs give the same logit difference: nothing to localize.")
+    grids: dict[str, dict] = {site: {} for site in sites}
+    seconds: dict[str, float] = {}
+    if "exact" in methods:
+        start = time.perf_counter()
+        for k, site in enumerate(sites):
+            raw = exact_grid(handle, corrupt_t, site, cache, answer_id, wrong_id, batch_size,
+                             lambda f, m, k=k: report((k + f) / len(sites) * 0.9, m))
+            grids[site]["exact"] = (raw - ld_corrupt) / span
+        seconds["exact"] = time.perf_counter() - start
+    for method, compute in (("atp", lambda: atp_grids(handle, corrupt_t, cache, answer_id, wrong_id)),
+                            ("relp", lambda: relp_grids(handle, corrupt_t, cache, answer_id, wrong_id,
+                                                        freeze_attention))):
+        if method in methods:
+            report(0.92 if method == "atp" else 0.96, f"{method}: one forward and one backward")
             start = time.perf_counter()
-            for k, site in enumerate(sites):
-                raw = exact_grid(handle, corrupt_t, site, cache, answer_id, wrong_id, batch_size,
-                                 lambda f, m, k=k: report((k + f) / len(sites) * 0.9, m))
-                grids[site]["exact"] = (raw - ld_corrupt) / span
-            seconds["exact"] = time.perf_counter() - start
-        for method, compute in (("atp", lambda: atp_grids(handle, corrupt_t, cache, answer_id, wrong_id)),
-                                ("relp", lambda: relp_grids(handle, corrupt_t, cache, answer_id, wrong_id,
-                                                            freeze_attention))):
-            if method in methods:
-                report(0.92 if method == "atp" else 0.96, f"{method}: one forward and one backward")
-                start = time.perf_counter()
-                raw = compute()
-                seconds[method] = time.perf_counter() - start
-                for site in sites:
-                    grids[site][method] = raw[site] / span
+            raw = compute()
+            seconds[method] = time.perf_counter() - start
+            for site in sites:
+                grids[site][method] = raw[site] / span
     report(1.0, "done")
     correlation = {
         site: {m: pearson(grids[site][m], grids[site]["exact"]) for m in ("atp", "relp") if m in grids[site]}

@@ -209,31 +209,30 @@ def _compute(handle, prompt, target, position, steps, top_k, n_random, seed, pro
         raise UserInputError(f"Position {position} is outside the prompt (0..{len(ids) - 1}).")
     if steps < 1 or not 1 <= top_k <= handle.adapter.d_mlp:
         raise UserInputError("Steps must be >= 1 and top-k between 1 and the MLP width.")
-    with handle.lock:
-        with torch.no_grad():
-            probs = handle.model(torch.tensor([ids], device=handle.device)).logits[0, -1].float().softmax(-1)
-        target_id = choose_target(handle, probs, target)
-        progress(0.02, "Baselines")
-        baselines, activations, baseline_scores = _baselines(handle, ids, target_id, position, top_k)
-        path, scores = _search(handle, ids, target_id, position, steps, top_k, progress)
-        search_s = time.perf_counter() - started
-        jas = joint_attribution(handle, ids, target_id, position, path, steps)
-        baseline_jas = {name: joint_attribution(handle, ids, target_id, position, p, steps) for name, p in baselines.items()}
-        progress(0.9, "Evaluation: remove and enhance")
-        rng = np.random.default_rng(seed)
-        d_mlp = handle.adapter.d_mlp
-        randoms = [[(l, int(j)) for l in range(handle.adapter.n_layers) for j in rng.choice(d_mlp, top_k, replace=False)]
-                   for _ in range(n_random)]
-        named = {"path": path, **baselines}
-        base_p = float(probs[target_id])
-        evaluation, top1 = {}, {}
-        for operation, factor in (("remove", 0.0), ("enhance", 2.0)):
-            p, tops = _intervened_probs(handle, ids, target_id, position, list(named.values()) + randoms, factor)
-            change = p - base_p
-            evaluation[operation] = {name: float(change[i]) for i, name in enumerate(named)}
-            evaluation[operation]["random_mean"] = float(change[len(named):].mean()) if n_random else 0.0
-            evaluation[operation]["random_std"] = float(change[len(named):].std()) if n_random else 0.0
-            top1[operation] = {name: token_text(handle, tops[i]) for i, name in enumerate(named)}
+    with handle.lock, torch.no_grad():  # every later pass takes the lock itself, so other requests interleave
+        probs = handle.model(torch.tensor([ids], device=handle.device)).logits[0, -1].float().softmax(-1)
+    target_id = choose_target(handle, probs, target)
+    progress(0.02, "Baselines")
+    baselines, activations, baseline_scores = _baselines(handle, ids, target_id, position, top_k)
+    path, scores = _search(handle, ids, target_id, position, steps, top_k, progress)
+    search_s = time.perf_counter() - started
+    jas = joint_attribution(handle, ids, target_id, position, path, steps)
+    baseline_jas = {name: joint_attribution(handle, ids, target_id, position, p, steps) for name, p in baselines.items()}
+    progress(0.9, "Evaluation: remove and enhance")
+    rng = np.random.default_rng(seed)
+    d_mlp = handle.adapter.d_mlp
+    randoms = [[(l, int(j)) for l in range(handle.adapter.n_layers) for j in rng.choice(d_mlp, top_k, replace=False)]
+               for _ in range(n_random)]
+    named = {"path": path, **baselines}
+    base_p = float(probs[target_id])
+    evaluation, top1 = {}, {}
+    for operation, factor in (("remove", 0.0), ("enhance", 2.0)):
+        p, tops = _intervened_probs(handle, ids, target_id, position, list(named.values()) + randoms, factor)
+        change = p - base_p
+        evaluation[operation] = {name: float(change[i]) for i, name in enumerate(named)}
+        evaluation[operation]["random_mean"] = float(change[len(named):].mean()) if n_random else 0.0
+        evaluation[operation]["random_std"] = float(change[len(named):].std()) if n_random else 0.0
+        top1[operation] = {name: token_text(handle, tops[i]) for i, name in enumerate(named)}
     progress(1.0, "Path ready")
     return PathResult(
         model=handle.name, prompt=prompt, tokens=token_texts(handle, ids),

@@ -125,23 +125,33 @@ def test_a_cancelled_analysis_leaves_the_model_clean(tiny_llama, analysis):
         assert run_again().settings["max_nodes"] == 30  # nothing half-done was cached
 
 
-def test_other_requests_run_while_a_graph_walks_its_backward_passes(tiny_llama):
-    """The graph holds the model's lock only while it runs the model: during its batched
-    backward passes another request completes (were the lock held, this would time out)."""
+@pytest.mark.parametrize("analysis, moment", [("graph", "Edges"), ("patching", "exact"), ("paths", "Layer")])
+def test_other_requests_are_served_during_a_long_analysis(tiny_llama, analysis, moment):
+    """Long analyses hold the model's lock only for each pass (a graph not at all during its
+    backward passes): another request completes in the middle of one (were the lock held
+    throughout, it would wait for the end and this test would time out)."""
     import threading
 
     from backend.graph import attribution_graph
     from backend.lens import logit_lens
+    from backend.paths import neuron_path
+    from backend.patching import patching
 
     clear_caches()
     served = threading.Event()
 
     def meanwhile(fraction, message):
-        if message.startswith("Edges") and not served.is_set():
+        if message.startswith(moment) and not served.is_set():
             worker = threading.Thread(target=lambda: (logit_lens(tiny_llama, "a b c d"), served.set()))
             worker.start()
             worker.join(timeout=60)
-            assert served.is_set(), "the lens request waited for the graph"
+            assert served.is_set(), "the lens request waited for the whole analysis"
 
-    graph = attribution_graph(tiny_llama, IOI_PROMPT, max_nodes=20, progress=meanwhile)
-    assert served.is_set() and graph.settings["max_nodes"] == 20
+    run = {
+        "graph": lambda: attribution_graph(tiny_llama, IOI_PROMPT, max_nodes=20, progress=meanwhile),
+        "patching": lambda: patching(tiny_llama, IOI_PROMPT, CORRUPT, " Mary", " John", batch_size=16,
+                                     progress=meanwhile),
+        "paths": lambda: neuron_path(tiny_llama, IOI_PROMPT, steps=3, n_random=2, progress=meanwhile),
+    }[analysis]
+    run()
+    assert served.is_set()
