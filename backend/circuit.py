@@ -36,13 +36,12 @@ from .cache import BoundedCache
 from .errors import UserInputError
 from .hooks import Hook, first_tensor, hooked
 from .linearize import _norm_parts
-from .models import ModelHandle
+from .models import ModelHandle, Progress
 from .patching import _logit_difference, check_pair
 from .prompts import resolve_token, token_texts
 from .results import JsonResult
 
 METHODS = ("eap", "eap-ig")
-Progress = Callable[[float, str], None]
 MAX_LISTED_EDGES = 50_000
 context_cache = BoundedCache(max_entries=4)  # scored pairs (each holds the corrupted outputs)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,11 +29,10 @@ import torch
 from .cache import results_cache
 from .errors import UserInputError
 from .linearize import linear_forward, record_frozen
-from .models import ModelHandle
+from .models import ModelHandle, Progress
 from .prompts import encode_prompt, resolve_token, token_text, token_texts
 from .results import JsonResult
 
-Progress = Callable[[float, str], None]
 MAX_LOGITS = 10
 LOGIT_MASS = 0.95
 MAX_NODES_LIMIT = 5000

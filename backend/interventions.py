@@ -23,7 +23,7 @@ weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -34,13 +34,12 @@ from .cache import BoundedCache, results_cache
 from .errors import UserInputError
 from .hooks import Hook, hooked
 from .inspect_prompt import choose_target, top_k
-from .models import ModelHandle
+from .models import ModelHandle, Progress
 from .prompts import encode_prompt, resolve_token, token_text
 from .results import JsonResult
 
 OPS = ("zero", "mean", "corrupt", "scale", "add")
 KINDS = ("neuron", "head", "resid")
-Progress = Callable[[float, str], None]
 
 
 @dataclass

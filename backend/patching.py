@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,13 +26,12 @@ import torch
 from .errors import UserInputError
 from .hooks import Hook, first_tensor, hooked
 from .linearize import linear_forward, record_frozen
-from .models import ModelHandle
+from .models import ModelHandle, Progress
 from .prompts import encode_prompt, resolve_token, token_texts
 from .results import JsonResult
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "heads")
 METHODS = ("exact", "atp", "relp")
-Progress = Callable[[float, str], None]
 
 
 @dataclass

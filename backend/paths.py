@@ -19,7 +19,6 @@ and in the top-1 prediction, against the baselines and random paths.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,11 +28,10 @@ from .cache import results_cache
 from .errors import UserInputError
 from .hooks import Hook, hooked
 from .inspect_prompt import choose_target
-from .models import ModelHandle
+from .models import ModelHandle, Progress
 from .prompts import encode_prompt, token_text, token_texts
 from .results import JsonResult
 
-Progress = Callable[[float, str], None]
 Path = list[tuple[int, int]]  # (layer, neuron)
 
 
