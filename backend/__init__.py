@@ -1,5 +1,5 @@
 """Circuitscope backend: all computation, no streamlit. Usable from Python and the CLI."""
 
-from .errors import UserInputError
+from backend.errors import UserInputError
 
 __all__ = ["UserInputError"]

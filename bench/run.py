@@ -50,7 +50,7 @@ def timed(fn, repeat: int = 1) -> tuple[float, object]:
 
 def section_load() -> dict:
     import_s, _ = timed(lambda: __import__("transformers") and __import__("torch"))
-    from backend.models import load_uncached
+    from backend.runtime.models import load_uncached
 
     with tempfile.TemporaryDirectory() as cache:
         os.environ["CIRCUITSCOPE_CACHE"] = cache
@@ -63,7 +63,7 @@ def section_load() -> dict:
 def section_threads() -> dict:
     import torch
 
-    from backend.models import get_model
+    from backend.runtime.models import get_model
 
     handle = get_model("smollm2")
     ids = torch.tensor([handle.tokenizer(IOI)["input_ids"]])
@@ -84,9 +84,9 @@ def section_threads() -> dict:
 
 
 def section_lens() -> dict:
-    from backend.heatmaps import cell_detail, heatmap
-    from backend.inspect_prompt import inspect_prompt
-    from backend.models import get_model
+    from backend.analyses.heatmaps import cell_detail, heatmap
+    from backend.analyses.inspect_prompt import inspect_prompt
+    from backend.runtime.models import get_model
 
     handle = get_model("smollm2")
     inspect_s, _ = timed(lambda: inspect_prompt(handle, IOI, n_continue=20))
@@ -105,10 +105,10 @@ def section_lens() -> dict:
 def section_graph() -> dict:
     import numpy as np
 
-    from backend.graph import attribution_graph
-    from backend.graph_json import to_graph_json, view_from_graph
-    from backend.graph_prune import prune
-    from backend.models import get_model
+    from backend.graphs.attribution import attribution_graph
+    from backend.graphs.neuronpedia import to_graph_json, view_from_graph
+    from backend.graphs.prune import prune
+    from backend.runtime.models import get_model
 
     handle = get_model("smollm2")
     out = {}
@@ -144,9 +144,9 @@ def section_graph_vs_brute() -> dict:
     import numpy as np
     import torch
 
-    from backend.graph import attribution_graph
-    from backend.linearize import linear_forward, record_frozen
-    from backend.tiny import tiny_handle
+    from backend.graphs.attribution import attribution_graph
+    from backend.runtime.linearize import linear_forward, record_frozen
+    from tests.tiny import tiny_handle
 
     handle = tiny_handle("llama")
     prompt = "When Mary and John went to the store, John gave a drink to Mary"
@@ -183,15 +183,15 @@ def section_graph_vs_brute() -> dict:
 
 def section_patching() -> dict:
     """Exact patching vs AtP vs RelP on the IOI pair, all sites, in one run."""
-    from backend.models import get_model
-    from backend.patching import patching
+    from backend.runtime.models import get_model
+    from backend.causal.patching import patching
 
     handle = get_model("smollm2")
     corrupt = "When Mary and John went to the store, Mary gave a drink to"
     result = patching(handle, IOI, corrupt, " Mary", " John")
     frozen = patching(handle, IOI, corrupt, " Mary", " John", methods=("relp",), freeze_attention=True)
     exact_grids = {site: result.grids[site]["exact"] for site in result.grids}
-    from backend.patching import pearson
+    from backend.causal.patching import pearson
 
     return {
         "pearson": result.pearson,
@@ -209,9 +209,9 @@ def section_circuit() -> dict:
     (on a sample of edges: the top 20 and 20 random ones), and circuit faithfulness."""
     import numpy as np
 
-    from backend.circuit import circuit, faithfulness, ranked_edges, score_pair
-    from backend.models import get_model
-    from backend.patching import pearson
+    from backend.causal.circuit import circuit, faithfulness, ranked_edges, score_pair
+    from backend.runtime.models import get_model
+    from backend.causal.patching import pearson
 
     handle = get_model("smollm2")
     corrupt = "When Mary and John went to the store, Mary gave a drink to"
@@ -248,8 +248,8 @@ def section_circuit() -> dict:
 
 def section_paths() -> dict:
     """NeuronPath on France -> Paris: search time and the paper's remove/enhance evaluation."""
-    from backend.models import get_model
-    from backend.paths import neuron_path
+    from backend.runtime.models import get_model
+    from backend.causal.paths import neuron_path
 
     handle = get_model("smollm2")
     result = neuron_path(handle, FRANCE, " Paris")
@@ -268,9 +268,9 @@ def section_transformer_lens() -> dict:
     import transformer_lens.patching as tl_patching
     from transformer_lens.model_bridge import TransformerBridge
 
-    from backend.models import get_model, load_uncached
-    from backend.patching import patching
-    from backend.prompts import encode_prompt, resolve_token
+    from backend.runtime.models import get_model, load_uncached
+    from backend.causal.patching import patching
+    from backend.runtime.prompts import encode_prompt, resolve_token
 
     handle = get_model("smollm2")
     corrupt = "When Mary and John went to the store, Mary gave a drink to"
@@ -312,7 +312,7 @@ def run_child(name: str) -> dict:
 def machine() -> dict:
     import torch
 
-    from backend.config import torch_threads
+    from backend.runtime.config import torch_threads
 
     return {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.cuda.is_available(),

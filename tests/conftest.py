@@ -11,7 +11,7 @@ os.environ.setdefault("CIRCUITSCOPE_DB", os.path.join(tempfile.mkdtemp(prefix="c
 
 import pytest
 
-from backend.tiny import FAMILIES, tiny_handle
+from tests.tiny import FAMILIES, tiny_handle
 
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
 FRANCE_PROMPT = "The capital of France is"
@@ -31,6 +31,6 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def smollm2():
     """The real embedded model, shared by all integration tests."""
-    from backend.models import get_model
+    from backend.runtime.models import get_model
 
     return get_model("smollm2")

@@ -56,8 +56,8 @@ def test_unknown_model_falls_back_with_a_message(app):
 
 
 def test_graph_page_reopens_the_selected_and_pinned_nodes_from_the_url(app, smollm2):
-    from backend.graph import attribution_graph
-    from backend.graph_json import view_from_graph
+    from backend.graphs.attribution import attribution_graph
+    from backend.graphs.neuronpedia import view_from_graph
 
     view = view_from_graph(attribution_graph(smollm2, "The capital of France is", " Paris", max_nodes=40))
     neuron = next(n for n in view.nodes if n["kind"] == "neuron")
@@ -119,8 +119,8 @@ def test_paths_page_shows_the_evaluation_and_the_clicked_neuron(app):
 
 
 def test_intervene_panel_on_pinned_graph_nodes(app, smollm2):
-    from backend.graph import attribution_graph
-    from backend.graph_json import view_from_graph
+    from backend.graphs.attribution import attribution_graph
+    from backend.graphs.neuronpedia import view_from_graph
 
     view = view_from_graph(attribution_graph(smollm2, "The capital of France is", " Paris", max_nodes=40))
     neurons = [n["node_id"] for n in view.nodes if n["kind"] == "neuron"][:5]
@@ -169,8 +169,8 @@ def _chart_spec(at: AppTest, key_part: str) -> dict:
 
 def test_saved_circuit_reopens_after_a_restart_without_recomputing(app, monkeypatch):
     """Compute, save, restart (caches emptied, computing forbidden), open: the same figure data."""
-    from backend import circuit as circuit_module
-    from backend.store import Store
+    from backend.causal import circuit as circuit_module
+    from backend.storage.store import Store
 
     app.switch_page("views/circuit.py")
     app.query_params.update(cn="200", cnode="a23.h3")
@@ -195,7 +195,7 @@ def test_saved_circuit_reopens_after_a_restart_without_recomputing(app, monkeypa
 
 
 def test_gallery_lists_saved_analyses(app):
-    from backend.store import Store
+    from backend.storage.store import Store
 
     Store().save("graph", "Listed in the gallery", "smollm2", "The capital of France is", "{}")
     app.switch_page("views/gallery.py")
@@ -225,7 +225,7 @@ def test_out_of_memory_shows_a_message_in_the_page(app, monkeypatch):
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr("backend.heatmaps.heatmap", exhausted)
+    monkeypatch.setattr("backend.analyses.heatmaps.heatmap", exhausted)
     app.switch_page("views/heatmaps.py")
     app.run()
     assert not app.exception

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from backend.trace import run_trace
+from backend.runtime.trace import run_trace
 
 PROMPT = "When Mary and John went to the store"
 

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-import backend.batch as batch
-from backend.__main__ import main
-from backend.batch import read_prompts, run_batch
+import backend.storage.batch as batch
+from backend.cli import main
+from backend.storage.batch import read_prompts, run_batch
 from backend.errors import UserInputError
-from backend.store import Store
+from backend.storage.store import Store
 
 PROMPTS = ["When Mary and John went to the store, John gave a drink to",
            '{"prompt": "The capital of France is", "target": " Paris"}', "", "a b c"]
@@ -71,7 +71,7 @@ def test_into_the_gallery_once_per_result(tiny_llama, prompts_file, tmp_path):
 
 
 def test_cli_batch_reports_bad_items_with_exit_2(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setattr("backend.__main__.get_model", lambda name: tiny_llama)
+    monkeypatch.setattr("backend.cli.get_model", lambda name: tiny_llama)
     prompts = tmp_path / "p.txt"
     prompts.write_text('a b c\n{"prompt": "a b", "target": " no such token here"}\n')
     out = tmp_path / "out"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from backend.__main__ import main
-from backend.circuit import (
+from backend.cli import main
+from backend.causal.circuit import (
     CircuitResult,
     circuit,
     component_forward,
@@ -18,9 +18,9 @@ from backend.circuit import (
     score_pair,
 )
 from backend.errors import UserInputError
-from backend.patching import _logit_difference, check_pair
-from backend.prompts import resolve_token
-from backend.tiny import tiny_handle
+from backend.causal.patching import _logit_difference, check_pair
+from backend.runtime.prompts import resolve_token
+from tests.tiny import tiny_handle
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
@@ -129,7 +129,7 @@ def test_circuit_input_errors(tiny_llama):
 
 
 def test_cli_circuit_json(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setattr("backend.__main__.get_model", lambda name: tiny_llama)
+    monkeypatch.setattr("backend.cli.get_model", lambda name: tiny_llama)
     out = tmp_path / "circuit.json"
     args = ["circuit", "--clean", CLEAN, "--corrupt", CORRUPT, "--answer", " Mary", "--wrong", " John",
             "--method", "eap-ig", "--steps", "2", "--top-n", "7", "--random", "2", "--out", str(out)]

@@ -4,7 +4,7 @@ random edge sets of the same size do not."""
 import numpy as np
 import pytest
 
-from backend.circuit import circuit, faithfulness, ranked_edges, score_pair
+from backend.causal.circuit import circuit, faithfulness, ranked_edges, score_pair
 from tests.test_patching_smollm2 import PAIR
 
 

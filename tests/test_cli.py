@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.__main__ import main
+from backend.cli import main
 from tests.conftest import FRANCE_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from backend import circuit as circuit_module
-from backend.cache import BoundedCache, results_cache
+from backend.causal import circuit as circuit_module
+from backend.runtime.cache import BoundedCache, results_cache
 from tests.conftest import FRANCE_PROMPT, IOI_PROMPT
 
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
@@ -16,12 +16,12 @@ CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 
 def jobs(handle):
     """Eight different analyses, as eight clients would ask for them."""
-    from backend.graph import attribution_graph
-    from backend.heatmaps import heatmap
-    from backend.inspect_prompt import inspect_prompt
-    from backend.interventions import intervene
-    from backend.lens import logit_lens
-    from backend.patching import patching
+    from backend.graphs.attribution import attribution_graph
+    from backend.analyses.heatmaps import heatmap
+    from backend.analyses.inspect_prompt import inspect_prompt
+    from backend.causal.interventions import intervene
+    from backend.analyses.lens import logit_lens
+    from backend.causal.patching import patching
 
     zero_neurons = {"interventions": [{"kind": "neuron", "layer": 20, "index": i, "op": "zero"} for i in range(50)],
                     "continue_tokens": 3}
@@ -89,10 +89,10 @@ class Cancelled(Exception):
 def test_a_cancelled_analysis_leaves_the_model_clean(tiny_llama, analysis):
     import torch
 
-    from backend.circuit import circuit
-    from backend.graph import attribution_graph
-    from backend.paths import neuron_path
-    from backend.patching import patching
+    from backend.causal.circuit import circuit
+    from backend.graphs.attribution import attribution_graph
+    from backend.causal.paths import neuron_path
+    from backend.causal.patching import patching
 
     calls = []
 
@@ -132,10 +132,10 @@ def test_other_requests_are_served_during_a_long_analysis(tiny_llama, analysis, 
     throughout, it would wait for the end and this test would time out)."""
     import threading
 
-    from backend.graph import attribution_graph
-    from backend.lens import logit_lens
-    from backend.paths import neuron_path
-    from backend.patching import patching
+    from backend.graphs.attribution import attribution_graph
+    from backend.analyses.lens import logit_lens
+    from backend.causal.paths import neuron_path
+    from backend.causal.patching import patching
 
     clear_caches()
     served = threading.Event()

@@ -5,8 +5,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from backend.graph import attribution_graph
-from backend.graph_prune import prune
+from backend.graphs.attribution import attribution_graph
+from backend.graphs.prune import prune
 from tests.conftest import FRANCE_PROMPT
 
 pytestmark = pytest.mark.skipif(
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def gemma():
-    from backend.models import get_model
+    from backend.runtime.models import get_model
 
     return get_model("gemma3-270m")
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from backend.errors import UserInputError
-from backend.graph import attribution_graph
-from backend.graph_json import parse_graph_json, to_graph_json, view_from_graph
-from backend.graph_prune import graph_scores, influence_series, normalize_rows, prune
-from backend.linearize import linear_forward, record_frozen
-from backend.prompts import encode_prompt
+from backend.graphs.attribution import attribution_graph
+from backend.graphs.neuronpedia import parse_graph_json, to_graph_json, view_from_graph
+from backend.graphs.prune import graph_scores, influence_series, normalize_rows, prune
+from backend.runtime.linearize import linear_forward, record_frozen
+from backend.runtime.prompts import encode_prompt
 
 PROMPT = "When Mary and John went to the store"
 
@@ -170,6 +170,6 @@ def test_import_names_the_first_error(tiny_llama, mutate, message):
 def test_import_refuses_non_json_and_oversized(monkeypatch):
     with pytest.raises(UserInputError, match="not JSON"):
         parse_graph_json(b"\xff\xfe not json")
-    monkeypatch.setattr("backend.graph_json.MAX_IMPORT_BYTES", 10)
+    monkeypatch.setattr("backend.graphs.neuronpedia.MAX_IMPORT_BYTES", 10)
     with pytest.raises(UserInputError, match="limit"):
         parse_graph_json(b'{"metadata": {}, "nodes": [], "links": []}')

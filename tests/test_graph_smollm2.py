@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from backend.graph import attribution_graph
-from backend.graph_json import view_from_graph
-from backend.graph_prune import prune
+from backend.graphs.attribution import attribution_graph
+from backend.graphs.neuronpedia import view_from_graph
+from backend.graphs.prune import prune
 from tests.conftest import FRANCE_PROMPT, IOI_PROMPT
 
 

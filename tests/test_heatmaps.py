@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from backend.errors import UserInputError
-from backend.heatmaps import attention_pattern, cell_detail, compare_grids, heatmap, target_readout
-from backend.neurons import cached_trace, neuron_view
+from backend.analyses.heatmaps import attention_pattern, cell_detail, compare_grids, heatmap, target_readout
+from backend.analyses.neurons import cached_trace, neuron_view
 
 PROMPT = "When Mary and John went to the store"
 

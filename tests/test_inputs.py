@@ -5,8 +5,8 @@ import re
 import pytest
 
 from backend.errors import UserInputError
-from backend.models import get_model, load_uncached
-from backend.prompts import encode_prompt, resolve_token
+from backend.runtime.models import get_model, load_uncached
+from backend.runtime.prompts import encode_prompt, resolve_token
 
 
 @pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])
@@ -89,7 +89,7 @@ def test_control_and_undecodable_characters_are_refused(tiny_llama, text, code):
 
 
 def test_emoji_and_non_latin_scripts_work(tiny_llama):
-    from backend.lens import logit_lens
+    from backend.analyses.lens import logit_lens
 
     prompt = "東京は日本の首都です 🗼 — Ελληνικά, русский\tand tabs\n"
     result = logit_lens(tiny_llama, prompt)
@@ -143,9 +143,9 @@ def test_no_page_can_turn_on_remote_code_and_nothing_unpickles():
 def test_out_of_memory_is_a_plain_message_and_leaves_the_model_clean(tiny_llama, tmp_path, monkeypatch):
     import torch
 
-    from backend.__main__ import main
+    from backend.cli import main
     from backend.errors import is_out_of_memory
-    from backend.graph import attribution_graph
+    from backend.graphs.attribution import attribution_graph
 
     def exhausted(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -165,8 +165,8 @@ def test_out_of_memory_is_a_plain_message_and_leaves_the_model_clean(tiny_llama,
     with torch.no_grad():
         assert torch.equal(tiny_llama.model(ids).logits, before)
 
-    monkeypatch.setattr("backend.__main__.get_model", lambda name: tiny_llama)
-    monkeypatch.setattr("backend.lens.logit_lens", exhausted)
+    monkeypatch.setattr("backend.cli.get_model", lambda name: tiny_llama)
+    monkeypatch.setattr("backend.analyses.lens.logit_lens", exhausted)
     assert main(["lens", "--prompt", "a b", "--out", str(tmp_path / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from backend.errors import UserInputError
-from backend.interventions import controls, intervene, intervened, neuron_items
-from backend.prompts import encode_prompt
-from backend.trace import run_trace
+from backend.causal.interventions import controls, intervene, intervened, neuron_items
+from backend.runtime.prompts import encode_prompt
+from backend.runtime.trace import run_trace
 
 PROMPT = "When Mary and John went to the store"
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from backend.graph import attribution_graph
-from backend.interventions import controls, intervene, neuron_items
+from backend.graphs.attribution import attribution_graph
+from backend.causal.interventions import controls, intervene, neuron_items
 from tests.conftest import FRANCE_PROMPT
 
 

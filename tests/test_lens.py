@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from backend.lens import LensResult, logit_lens
-from backend.trace import run_trace
+from backend.analyses.lens import LensResult, logit_lens
+from backend.runtime.trace import run_trace
 
 PROMPT = "The capital of France is Paris"
 

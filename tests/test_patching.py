@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from backend.errors import UserInputError
-from backend.hooks import Hook, hooked
-from backend.patching import (
+from backend.runtime.hooks import Hook, hooked
+from backend.causal.patching import (
     SITES,
     _logit_difference,
     _run_clean,
@@ -16,7 +16,7 @@ from backend.patching import (
     patching,
     propose_corruption,
 )
-from backend.prompts import resolve_token
+from backend.runtime.prompts import resolve_token
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
@@ -126,7 +126,7 @@ def test_propose_corruption_swaps_the_repeated_name_or_a_word_of_the_same_length
 
 
 def test_result_json_round_trip(result_llama):
-    from backend.patching import PatchResult
+    from backend.causal.patching import PatchResult
 
     again = PatchResult.from_json(result_llama.to_json())
     assert again.to_json() == result_llama.to_json()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.patching import patching
+from backend.causal.patching import patching
 
 PAIR = json.loads((Path(__file__).resolve().parents[2] / "shared" / "cases.json").read_text())["patching_pairs"][0] \
     if (Path(__file__).resolve().parents[2] / "shared" / "cases.json").exists() else {

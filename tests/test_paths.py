@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from backend.errors import UserInputError
-from backend.hooks import Hook, hooked
-from backend.paths import layer_scores, neuron_path, recurring_neurons
-from backend.prompts import encode_prompt
+from backend.runtime.hooks import Hook, hooked
+from backend.causal.paths import layer_scores, neuron_path, recurring_neurons
+from backend.runtime.prompts import encode_prompt
 
 PROMPT = "When Mary and John went to the store"
 STEPS = 4
@@ -102,7 +102,7 @@ def test_baselines_and_evaluation(tiny_llama):
 
 
 def test_removing_nothing_changes_nothing(tiny_llama):
-    from backend.paths import _intervened_probs
+    from backend.causal.paths import _intervened_probs
 
     ids = encode_prompt(tiny_llama, PROMPT)
     p, _ = _intervened_probs(tiny_llama, ids, 5, len(ids) - 1, [[(0, 1)]], 1.0)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from backend.paths import neuron_path
+from backend.causal.paths import neuron_path
 from tests.conftest import FRANCE_PROMPT
 
 

@@ -7,23 +7,23 @@ import json
 import numpy as np
 import pytest
 
-from backend import circuit as circuit_module
-from backend.cache import results_cache
-from backend.models import load_uncached
-from backend.tiny import tiny_handle
+from backend.causal import circuit as circuit_module
+from backend.runtime.cache import results_cache
+from backend.runtime.models import load_uncached
+from tests.tiny import tiny_handle
 from tests.conftest import IOI_PROMPT
 
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 
 
 def analyses(handle) -> dict:
-    from backend.edge_heads import edge_heads
-    from backend.graph import attribution_graph
-    from backend.heatmaps import heatmap
-    from backend.interventions import intervene
-    from backend.lens import logit_lens
-    from backend.paths import neuron_path
-    from backend.patching import patching
+    from backend.graphs.edge_heads import edge_heads
+    from backend.graphs.attribution import attribution_graph
+    from backend.analyses.heatmaps import heatmap
+    from backend.causal.interventions import intervene
+    from backend.analyses.lens import logit_lens
+    from backend.causal.paths import neuron_path
+    from backend.causal.patching import patching
 
     results_cache.clear()
     circuit_module.context_cache.clear()

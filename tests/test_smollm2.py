@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.inspect_prompt import inspect_prompt
-from backend.lens import logit_lens
-from backend.trace import run_trace
+from backend.analyses.inspect_prompt import inspect_prompt
+from backend.analyses.lens import logit_lens
+from backend.runtime.trace import run_trace
 from tests.conftest import FRANCE_PROMPT, IOI_PROMPT
 
 CASES = Path(__file__).resolve().parents[1].parent / "shared" / "cases.json"

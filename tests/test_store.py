@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from backend.errors import UserInputError
-from backend.store import Store, import_graph
+from backend.storage.store import Store, import_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = json.dumps({"values": [1.0, 2.5], "tokens": ["a", "b"]})
@@ -67,7 +67,7 @@ def test_concurrent_saves_from_threads_and_processes(store):
         except Exception as exc:  # noqa: BLE001 - collected for the assertion
             errors.append(exc)
 
-    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from backend.store import Store; s = Store({str(store.path)!r})\n"
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from backend.storage.store import Store; s = Store({str(store.path)!r})\n"
               "for i in range(10): s.save('graph', f'process {sys.argv[1]} #{i}', 'm', 'p', '{}')")
     processes = [subprocess.Popen([sys.executable, "-c", script, str(k)]) for k in range(2)]
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
@@ -86,7 +86,7 @@ def test_a_crash_between_writes_loses_nothing_saved(store):
     script = f"""
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
-from backend.store import Store
+from backend.storage.store import Store
 s = Store({str(store.path)!r})
 s.save("graph", "second, committed", "m", "p", "{{}}")
 with s._transaction() as conn:
@@ -108,15 +108,15 @@ def test_refused_imports_leave_the_database_as_it_was(store, monkeypatch):
         import_graph(store, json.dumps(bad_node))
     with pytest.raises(UserInputError, match="not JSON"):
         import_graph(store, b"\x80\x81 definitely not json")
-    monkeypatch.setattr("backend.graph_json.MAX_IMPORT_BYTES", 100)
+    monkeypatch.setattr("backend.graphs.neuronpedia.MAX_IMPORT_BYTES", 100)
     with pytest.raises(UserInputError, match="limit"):
         import_graph(store, json.dumps({"metadata": {"prompt_tokens": ["a"] * 100}, "nodes": [], "links": []}))
     assert store.count() == 1 and store.integrity() == "ok"
 
 
 def test_a_valid_import_is_saved_and_reads_back_identically(store, tiny_llama):
-    from backend.graph import attribution_graph
-    from backend.graph_json import to_graph_json, view_from_graph
+    from backend.graphs.attribution import attribution_graph
+    from backend.graphs.neuronpedia import to_graph_json, view_from_graph
 
     exported = to_graph_json(view_from_graph(attribution_graph(tiny_llama, "a b c", max_nodes=5)))
     analysis = import_graph(store, json.dumps(exported), "tiny")

@@ -3,8 +3,8 @@ top-N circuit with its measured faithfulness, and node details with a one-click 
 
 import streamlit as st
 
-from backend.circuit import METHODS, CircuitResult, cached_circuit, node_ablation, score_pair
-from backend.heatmaps import attention_pattern
+from backend.causal.circuit import METHODS, CircuitResult, cached_circuit, node_ablation, score_pair
+from backend.analyses.heatmaps import attention_pattern
 from components.circuit_view import circuit_figure, faithfulness_curve
 from components.graph_view import selected_node_id
 from components.heatmap import pattern_figure

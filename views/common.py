@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import streamlit as st
 
 from backend.errors import OUT_OF_MEMORY, UserInputError, is_out_of_memory
-from backend.models import DEFAULT_MODEL, EMBEDDED_MODELS, ModelHandle, get_model, is_loaded
-from backend.prompts import encode_prompt, resolve_token
+from backend.runtime.models import DEFAULT_MODEL, EMBEDDED_MODELS, ModelHandle, get_model, is_loaded
+from backend.runtime.prompts import encode_prompt, resolve_token
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 OTHER_MODEL = "other (folder, .gguf, hub id)"
@@ -248,7 +248,7 @@ def share_box() -> None:
 
 
 def gallery_store():
-    from backend.store import Store
+    from backend.storage.store import Store
 
     return Store()
 

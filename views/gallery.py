@@ -6,8 +6,8 @@ import datetime
 import streamlit as st
 
 from backend.errors import UserInputError
-from backend.models import EMBEDDED_MODELS
-from backend.store import KINDS, import_graph
+from backend.runtime.models import EMBEDDED_MODELS
+from backend.storage.store import KINDS, import_graph
 from views.common import OTHER_MODEL, gallery_store, show_user_errors
 
 PAGES = {"graph": "views/graph.py", "circuit": "views/circuit.py", "patching": "views/patching.py",

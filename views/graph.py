@@ -4,11 +4,11 @@ import json
 
 import streamlit as st
 
-from backend.edge_heads import edge_heads
-from backend.graph import AttributionGraph, attribution_graph
-from backend.graph_json import GraphView, node_ids, parse_graph_json, to_graph_json, view_from_graph
-from backend.interventions import neuron_items
-from backend.neurons import neuron_view
+from backend.graphs.edge_heads import edge_heads
+from backend.graphs.attribution import AttributionGraph, attribution_graph
+from backend.graphs.neuronpedia import GraphView, node_ids, parse_graph_json, to_graph_json, view_from_graph
+from backend.causal.interventions import neuron_items
+from backend.analyses.neurons import neuron_view
 from components.charts import head_grid
 from components.graph_view import edges_of, graph_figure, selected_node_id
 from components.neuron_panel import neuron_panel

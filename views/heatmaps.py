@@ -2,8 +2,8 @@
 
 import streamlit as st
 
-from backend.heatmaps import QUANTITIES, attention_pattern, cell_detail, compare_grids, heatmap
-from backend.neurons import neuron_view
+from backend.analyses.heatmaps import QUANTITIES, attention_pattern, cell_detail, compare_grids, heatmap
+from backend.analyses.neurons import neuron_view
 from components.heatmap import (
     clickable_grid,
     head_multiples,

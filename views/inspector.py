@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from backend.inspect_prompt import inspect_prompt
+from backend.analyses.inspect_prompt import inspect_prompt
 from components.charts import top_tokens_bar
 from components.tokens import escape_markdown, token_chips_html, token_rows, visible
 from views.common import current, show_user_errors

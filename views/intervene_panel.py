@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from backend.interventions import controls, intervene
-from backend.models import ModelHandle
+from backend.causal.interventions import controls, intervene
+from backend.runtime.models import ModelHandle
 from components.charts import null_histogram, top_tokens_bar
 from views.common import show_user_errors
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import streamlit as st
 
 from backend.errors import UserInputError
-from backend.inspect_prompt import inspect_prompt
-from backend.models import ModelHandle
-from backend.patching import propose_corruption
+from backend.analyses.inspect_prompt import inspect_prompt
+from backend.runtime.models import ModelHandle
+from backend.causal.patching import propose_corruption
 from views.common import Selection, show_user_errors, url_state, write_url
 
 

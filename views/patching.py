@@ -3,7 +3,7 @@
 import numpy as np
 import streamlit as st
 
-from backend.patching import METHODS, SITES, PatchResult, patch_one, patching
+from backend.causal.patching import METHODS, SITES, PatchResult, patch_one, patching
 from components.heatmap import clickable_grid, selected_cell
 from views.common import (chart, current, follow_click, opened, run_with_progress, show_user_errors, url_state,
                           write_url)

@@ -2,9 +2,9 @@
 
 import streamlit as st
 
-from backend.interventions import neuron_items
-from backend.neurons import neuron_view
-from backend.paths import PathResult, neuron_path, recurring_neurons
+from backend.causal.interventions import neuron_items
+from backend.analyses.neurons import neuron_view
+from backend.causal.paths import PathResult, neuron_path, recurring_neurons
 from components.heatmap import selected_cell
 from components.neuron_panel import neuron_panel
 from components.paths_view import evaluation_figure, path_figure

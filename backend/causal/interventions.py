@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cache import BoundedCache, results_cache
-from .errors import UserInputError
-from .hooks import Hook, hooked
-from .inspect_prompt import choose_target, top_k
-from .models import ModelHandle, Progress
-from .prompts import encode_prompt, resolve_token, token_text
-from .results import JsonResult
+from backend.runtime.cache import BoundedCache, results_cache
+from backend.errors import UserInputError
+from backend.runtime.hooks import Hook, hooked
+from backend.analyses.inspect_prompt import choose_target, top_k
+from backend.runtime.models import ModelHandle, Progress
+from backend.runtime.prompts import encode_prompt, resolve_token, token_text
+from backend.runtime.results import JsonResult
 
 OPS = ("zero", "mean", "corrupt", "scale", "add")
 KINDS = ("neuron", "head", "resid")
@@ -293,7 +293,7 @@ def dead_salmon(handle: ModelHandle, seed: int = 0) -> ModelHandle:
     def build() -> ModelHandle:
         from transformers import AutoModelForCausalLM
 
-        from .arch import build_adapter
+        from backend.runtime.arch import build_adapter
 
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(handle.model.config, attn_implementation="eager",

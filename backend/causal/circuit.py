@@ -31,15 +31,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .arch import parameter
-from .cache import BoundedCache
-from .errors import UserInputError
-from .hooks import Hook, first_tensor, hooked
-from .linearize import _norm_parts
-from .models import ModelHandle, Progress
-from .patching import _logit_difference, check_pair
-from .prompts import resolve_token, token_texts
-from .results import JsonResult
+from backend.runtime.arch import parameter
+from backend.runtime.cache import BoundedCache
+from backend.errors import UserInputError
+from backend.runtime.hooks import Hook, first_tensor, hooked
+from backend.runtime.linearize import _norm_parts
+from backend.runtime.models import ModelHandle, Progress
+from backend.causal.patching import _logit_difference, check_pair
+from backend.runtime.prompts import resolve_token, token_texts
+from backend.runtime.results import JsonResult
 
 METHODS = ("eap", "eap-ig")
 MAX_LISTED_EDGES = 50_000

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserInputError
+from backend.errors import UserInputError
 
 KINDS = ("graph", "circuit", "patching", "paths", "lens", "inspect")
 MAX_RESULT_BYTES = 50_000_000
@@ -231,7 +231,7 @@ def _check_fields(kind: str, title: str, notes: str, result_json: str) -> None:
 def import_graph(store: Store, raw: bytes | str, title: str = "") -> int:
     """Validate a circuit-tracer / Neuronpedia graph file and save it; a bad file raises
     UserInputError naming its first error and writes nothing."""
-    from .graph_json import parse_graph_json, to_graph_json
+    from backend.graphs.neuronpedia import parse_graph_json, to_graph_json
 
     view = parse_graph_json(raw)
     prompt = "".join(view.tokens)

@@ -12,8 +12,8 @@ from functools import lru_cache
 
 import torch
 
-from .arch import build_adapter
-from .models import ModelHandle
+from backend.runtime.arch import build_adapter
+from backend.runtime.models import ModelHandle
 
 FAMILIES = ("llama", "qwen2", "gemma2", "gemma3", "gpt2", "gpt_neox", "gpt_neox_sequential")
 _CORPUS = [

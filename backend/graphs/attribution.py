@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cache import results_cache
-from .errors import UserInputError
-from .linearize import linear_forward, record_frozen
-from .models import ModelHandle, Progress
-from .prompts import encode_prompt, resolve_token, token_text, token_texts
-from .results import JsonResult
+from backend.runtime.cache import results_cache
+from backend.errors import UserInputError
+from backend.runtime.linearize import linear_forward, record_frozen
+from backend.runtime.models import ModelHandle, Progress
+from backend.runtime.prompts import encode_prompt, resolve_token, token_text, token_texts
+from backend.runtime.results import JsonResult
 
 MAX_LOGITS = 10
 LOGIT_MASS = 0.95

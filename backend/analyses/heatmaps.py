@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .arch import parameter
-from .cache import results_cache
-from .errors import UserInputError
-from .lens import LensResult, logit_lens, row_labels
-from .models import ModelHandle
-from .neurons import cached_trace
-from .prompts import encode_prompt
-from .results import JsonResult
+from backend.runtime.arch import parameter
+from backend.runtime.cache import results_cache
+from backend.errors import UserInputError
+from backend.analyses.lens import LensResult, logit_lens, row_labels
+from backend.runtime.models import ModelHandle
+from backend.analyses.neurons import cached_trace
+from backend.runtime.prompts import encode_prompt
+from backend.runtime.results import JsonResult
 
 QUANTITIES = ("target_prob", "target_rank", "second_prob", "resid_norm", "attn_norm", "mlp_norm", "neuron")
 

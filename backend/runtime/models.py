@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from . import config
-from .arch import ArchAdapter, build_adapter
-from .errors import UserInputError
+from backend.runtime.arch import ArchAdapter, build_adapter
+from backend.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import UserInputError
-from .graph import AttributionGraph
-from .linearize import _apply_norm, linear_forward, record_frozen
-from .models import ModelHandle
-from .results import JsonResult
+from backend.errors import UserInputError
+from backend.graphs.attribution import AttributionGraph
+from backend.runtime.linearize import _apply_norm, linear_forward, record_frozen
+from backend.runtime.models import ModelHandle
+from backend.runtime.results import JsonResult
 
 
 @dataclass

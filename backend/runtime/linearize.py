@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import parameter
-from .hooks import Hook, hooked
-from .models import ModelHandle
+from backend.runtime.arch import parameter
+from backend.runtime.hooks import Hook, hooked
+from backend.runtime.models import ModelHandle
 
 GATE_LIMIT = 0.5  # act(z)/z as z -> 0 for SiLU and GELU (both tanh and erf forms)
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UserInputError
-from .graph import AttributionGraph
-from .graph_prune import graph_scores, prune
-from .results import JsonResult
+from backend.errors import UserInputError
+from backend.graphs.attribution import AttributionGraph
+from backend.graphs.prune import graph_scores, prune
+from backend.runtime.results import JsonResult
 
 MAX_IMPORT_BYTES = 50 * 1024 * 1024
 MAX_NODES = 100_000

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import unicodedata
 
-from .config import max_prompt_chars, max_prompt_tokens
-from .errors import UserInputError
-from .models import ModelHandle
+from backend.runtime.config import max_prompt_chars, max_prompt_tokens
+from backend.errors import UserInputError
+from backend.runtime.models import ModelHandle
 
 
 def encode_prompt(handle: ModelHandle, prompt: str) -> list[int]:

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import UserInputError
-from .hooks import Hook, first_tensor, hooked
-from .linearize import linear_forward, record_frozen
-from .models import ModelHandle, Progress
-from .prompts import encode_prompt, resolve_token, token_texts
-from .results import JsonResult
+from backend.errors import UserInputError
+from backend.runtime.hooks import Hook, first_tensor, hooked
+from backend.runtime.linearize import linear_forward, record_frozen
+from backend.runtime.models import ModelHandle, Progress
+from backend.runtime.prompts import encode_prompt, resolve_token, token_texts
+from backend.runtime.results import JsonResult
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "heads")
 METHODS = ("exact", "atp", "relp")

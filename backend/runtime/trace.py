@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .hooks import Hook, first_tensor, hooked
-from .models import ModelHandle
-from .prompts import encode_prompt, token_texts
+from backend.runtime.hooks import Hook, first_tensor, hooked
+from backend.runtime.models import ModelHandle
+from backend.runtime.prompts import encode_prompt, token_texts
 
 
 @dataclass

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import results_cache
-from .models import ModelHandle
-from .prompts import encode_prompt, resolve_token, token_text, token_texts
-from .results import JsonResult
+from backend.runtime.cache import results_cache
+from backend.runtime.models import ModelHandle
+from backend.runtime.prompts import encode_prompt, resolve_token, token_text, token_texts
+from backend.runtime.results import JsonResult
 
 
 @dataclass

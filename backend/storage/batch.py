@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UserInputError
-from .models import ModelHandle
-from .store import Store
+from backend.errors import UserInputError
+from backend.runtime.models import ModelHandle
+from backend.storage.store import Store
 
 ANALYSES = ("lens", "inspect", "graph", "paths")
 MAX_PROMPTS = 10_000
@@ -54,21 +54,21 @@ def read_prompts(path: Path) -> list[dict]:
 def compute(handle: ModelHandle, analysis: str, prompt: str, target: str | None, settings: dict) -> str:
     """One analysis as the JSON text the CLI and the pages use."""
     if analysis == "lens":
-        from .lens import logit_lens
+        from backend.analyses.lens import logit_lens
 
         return logit_lens(handle, prompt, target).to_json()
     if analysis == "inspect":
-        from .inspect_prompt import inspect_prompt
+        from backend.analyses.inspect_prompt import inspect_prompt
 
         return inspect_prompt(handle, prompt, target).to_json()
     if analysis == "graph":
-        from .graph import attribution_graph
-        from .graph_json import to_graph_json, view_from_graph
+        from backend.graphs.attribution import attribution_graph
+        from backend.graphs.neuronpedia import to_graph_json, view_from_graph
 
         graph = attribution_graph(handle, prompt, target, max_nodes=settings["max_nodes"])
         return json.dumps(to_graph_json(view_from_graph(graph)))
     if analysis == "paths":
-        from .paths import neuron_path
+        from backend.causal.paths import neuron_path
 
         return neuron_path(handle, prompt, target, steps=settings["steps"]).to_json()
     raise UserInputError(f"Unknown analysis '{analysis}'; choose from {', '.join(ANALYSES)}.")

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cache import results_cache
-from .errors import UserInputError
-from .hooks import Hook, hooked
-from .inspect_prompt import choose_target
-from .models import ModelHandle, Progress
-from .prompts import encode_prompt, token_text, token_texts
-from .results import JsonResult
+from backend.runtime.cache import results_cache
+from backend.errors import UserInputError
+from backend.runtime.hooks import Hook, hooked
+from backend.analyses.inspect_prompt import choose_target
+from backend.runtime.models import ModelHandle, Progress
+from backend.runtime.prompts import encode_prompt, token_text, token_texts
+from backend.runtime.results import JsonResult
 
 Path = list[tuple[int, int]]  # (layer, neuron)
 

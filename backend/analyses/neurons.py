@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .arch import parameter
-from .cache import results_cache
-from .errors import UserInputError
-from .models import ModelHandle
-from .prompts import token_text
-from .results import JsonResult
-from .trace import Trace, run_trace
+from backend.runtime.arch import parameter
+from backend.runtime.cache import results_cache
+from backend.errors import UserInputError
+from backend.runtime.models import ModelHandle
+from backend.runtime.prompts import token_text
+from backend.runtime.results import JsonResult
+from backend.runtime.trace import Trace, run_trace
 
 
 @dataclass

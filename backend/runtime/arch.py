@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UserInputError
+from backend.errors import UserInputError
 
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
 GEMMA_LIKE = {"gemma2", "gemma3_text", "gemma3"}

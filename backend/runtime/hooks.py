@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .models import ModelHandle
+from backend.runtime.models import ModelHandle
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserInputError
-from .graph import AttributionGraph
+from backend.errors import UserInputError
+from backend.graphs.attribution import AttributionGraph
 
 
 @dataclass

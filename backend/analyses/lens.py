@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cache import results_cache
-from .inspect_prompt import choose_target, top_k
-from .models import ModelHandle
-from .prompts import resolve_token, token_text
-from .results import JsonResult
-from .trace import Trace, run_trace
+from backend.runtime.cache import results_cache
+from backend.analyses.inspect_prompt import choose_target, top_k
+from backend.runtime.models import ModelHandle
+from backend.runtime.prompts import resolve_token, token_text
+from backend.runtime.results import JsonResult
+from backend.runtime.trace import Trace, run_trace
 
 LENS_TOP = 10
 
