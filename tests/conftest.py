@@ -6,6 +6,7 @@ import os
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub during tests
+os.environ.setdefault("CIRCUITSCOPE_EXAMPLES", "0")  # no background example builds competing for the CPU
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("CIRCUITSCOPE_DB", os.path.join(tempfile.mkdtemp(prefix="circuitscope-"), "gallery.sqlite"))
 
@@ -34,3 +35,36 @@ def smollm2():
     from backend.runtime.models import get_model
 
     return get_model("smollm2")
+
+
+@pytest.fixture
+def normalize_small_spans(monkeypatch):
+    """Tiny random models move a logit difference by far less than pairs.MIN_SPAN, where
+    numbers are shown raw; tests of the normalized scale lower the threshold (and drop cached
+    pairs that were scaled under the default)."""
+    from backend.causal import pairs
+    from backend.runtime.cache import clear_all
+
+    monkeypatch.setattr(pairs, "MIN_SPAN", 1e-4)
+    clear_all()
+    yield
+    clear_all()
+
+
+REAL_MODEL_FIXTURES = {"smollm2", "app", "gemma"}
+REAL_MODEL_MODULES = ("test_cli", "test_gemma3")  # subprocesses / fixtures of their own load a real model
+
+
+def pytest_collection_modifyitems(items):
+    """Tiers by what a test loads: browser (Chromium), app (AppTest pages), integration
+    (a real model), else unit."""
+    for item in items:
+        if item.get_closest_marker("browser"):
+            continue
+        if item.module.__name__.endswith("test_app"):
+            item.add_marker(pytest.mark.app)
+        elif (REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or "smollm2" in item.module.__name__
+              or item.module.__name__.endswith(REAL_MODEL_MODULES)):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)

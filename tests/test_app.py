@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from backend.runtime.prompts import with_bos
+
 IOI = "When Mary and John went to the store, John gave a drink to"
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -19,6 +21,7 @@ def metrics(at: AppTest) -> dict[str, str]:
 
 
 def test_default_prompt_predicts_mary(app):
+    app.switch_page("views/inspector.py")
     app.run()
     assert not app.exception and not app.error
     assert metrics(app)["Target"] == "␣Mary"
@@ -26,6 +29,7 @@ def test_default_prompt_predicts_mary(app):
 
 
 def test_url_state_seeds_the_sidebar(app):
+    app.switch_page("views/inspector.py")
     app.query_params["prompt"] = "The capital of France is"
     app.query_params["target"] = " London"
     app.run()
@@ -40,6 +44,7 @@ def test_url_state_seeds_the_sidebar(app):
 
 
 def test_bad_prompt_and_target_fall_back_with_a_message(app):
+    app.switch_page("views/inspector.py")
     app.query_params["prompt"] = "   "
     app.query_params["target"] = " Mary and John"
     app.run()
@@ -49,6 +54,7 @@ def test_bad_prompt_and_target_fall_back_with_a_message(app):
 
 
 def test_unknown_model_falls_back_with_a_message(app):
+    app.switch_page("views/inspector.py")
     app.query_params["model"] = "/no/such/folder"
     app.run()
     assert any("Unknown model" in e.value for e in app.error)
@@ -59,17 +65,18 @@ def test_graph_page_reopens_the_selected_and_pinned_nodes_from_the_url(app, smol
     from backend.graphs.attribution import attribution_graph
     from backend.graphs.neuronpedia import view_from_graph
 
-    view = view_from_graph(attribution_graph(smollm2, "The capital of France is", " Paris", max_nodes=40))
-    neuron = next(n for n in view.nodes if n["kind"] == "neuron")
+    view = view_from_graph(attribution_graph(smollm2, with_bos(smollm2, "The capital of France is"), " Paris",
+                                             max_nodes=40))
+    neuron = next(n for n in view.nodes if n.kind == "neuron")
     app.switch_page("views/graph.py")
     app.query_params.update(
-        prompt="The capital of France is", target=" Paris", k="40", node=neuron["node_id"],
-        pinned=neuron["node_id"], supernodes='[["capital facts", "%s"]]' % neuron["node_id"],
+        prompt="The capital of France is", target=" Paris", k="40", node=neuron.node_id,
+        pinned=neuron.node_id, supernodes=f'[["capital facts", "{neuron.node_id}"]]',
     )
     app.run()
     assert not app.exception and not app.error
-    assert any(h.value == neuron["label"] for h in app.subheader)
-    assert app.multiselect(key="pinned_editor").value == [neuron["node_id"]]
+    assert any(h.value == neuron.label for h in app.subheader)
+    assert app.multiselect(key="pinned_editor").value == [neuron.node_id]
     assert any("capital facts" in m.value for m in app.markdown)
     assert {m.label for m in app.metric} >= {"Replacement", "Completeness", "Nodes shown"}
 
@@ -122,8 +129,9 @@ def test_intervene_panel_on_pinned_graph_nodes(app, smollm2):
     from backend.graphs.attribution import attribution_graph
     from backend.graphs.neuronpedia import view_from_graph
 
-    view = view_from_graph(attribution_graph(smollm2, "The capital of France is", " Paris", max_nodes=40))
-    neurons = [n["node_id"] for n in view.nodes if n["kind"] == "neuron"][:5]
+    view = view_from_graph(attribution_graph(smollm2, with_bos(smollm2, "The capital of France is"), " Paris",
+                                             max_nodes=40))
+    neurons = [n.node_id for n in view.nodes if n.kind == "neuron"][:5]
     app.switch_page("views/graph.py")
     app.query_params.update(prompt="The capital of France is", target=" Paris", k="40", pinned=",".join(neurons))
     app.run()
@@ -142,11 +150,12 @@ def test_graph_page_ignores_a_malformed_url(app):
 
 def test_circuit_page_shows_the_circuit_and_the_node_in_the_url(app):
     app.switch_page("views/circuit.py")
-    app.query_params.update(cnode="a23.h3", cn="300")
+    app.query_params.update(cnode="a23.h3", cn="300", cprune="0")
     app.run()
     assert not app.exception and not app.error
     shown = metrics(app)
     assert shown["Circuit edges"] == "300" and 0 < float(shown["Faithfulness"]) <= 1.2
+    assert shown["Denominator (clean − corrupted)"].startswith("+")
     assert any(h.value == "a23.h3" for h in app.subheader)
     assert float(shown["difference"]) > 0  # the head writes Mary over John directly
     assert any(b.label.startswith("→ logits") for b in app.button)
@@ -170,6 +179,7 @@ def _chart_spec(at: AppTest, key_part: str) -> dict:
 def test_saved_circuit_reopens_after_a_restart_without_recomputing(app, monkeypatch):
     """Compute, save, restart (caches emptied, computing forbidden), open: the same figure data."""
     from backend.causal import circuit as circuit_module
+    from backend.runtime.cache import clear_all
     from backend.storage.store import Store
 
     app.switch_page("views/circuit.py")
@@ -177,13 +187,12 @@ def test_saved_circuit_reopens_after_a_restart_without_recomputing(app, monkeypa
     app.run()
     assert not app.exception
     computed = _chart_spec(app, "circuit_chart")
-    result = list(circuit_module.circuit_cache._items.values())[-1]  # the one the page just used
+    result = circuit_module.circuit_cache.values()[-1]  # the one the page just used
     url = {"cn": "200", "cnode": "a23.h3", "prompt": IOI}
     analysis = Store().save("circuit", "IOI round trip", "smollm2", IOI, result.to_json(),
                             settings={"page": "circuit", "url": url})
 
-    circuit_module.circuit_cache.clear()
-    circuit_module.context_cache.clear()
+    clear_all()
     monkeypatch.setattr(circuit_module, "circuit", lambda *a, **k: pytest.fail("recomputed"))
     reopened = AppTest.from_file(APP, default_timeout=180)
     reopened.switch_page("views/circuit.py")
@@ -230,3 +239,29 @@ def test_out_of_memory_shows_a_message_in_the_page(app, monkeypatch):
     app.run()
     assert not app.exception
     assert any("Out of memory" in e.value for e in app.error)
+
+
+def test_start_page_is_the_default_and_explains_the_tool(app):
+    app.run()
+    assert not app.exception
+    assert app.title[0].value == "Circuitscope"
+    assert any("Worked examples" in h.value for h in app.subheader)
+
+
+def test_inspector_shows_what_the_document_start_token_changes(app):
+    app.switch_page("views/inspector.py")
+    app.query_params["prompt"] = "The capital of France is"
+    app.run()
+    assert not app.exception and metrics(app)["Target"] == "␣Paris"
+    assert any("Without the document-start token" in c.value and "the same" in c.value for c in app.caption)
+
+
+def test_graph_page_reads_a_legacy_link(app, smollm2):
+    """A link made before the renames: the graph's wrong token under "wrong", an "other" node
+    under its legacy id 0_{layer}_{pos}."""
+    app.switch_page("views/graph.py")
+    app.query_params.update(prompt="The capital of France is", target=" Paris", k="20", wrong=" Rome", node="0_29_5")
+    app.run()
+    assert not app.exception and not app.error
+    assert app.text_input(key="url_gwrong").value == " Rome"
+    assert any(h.value == "L29 other @5" for h in app.subheader)

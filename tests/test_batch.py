@@ -6,8 +6,8 @@ import pytest
 
 import backend.storage.batch as batch
 from backend.cli import main
-from backend.storage.batch import read_prompts, run_batch
 from backend.errors import UserInputError
+from backend.storage.batch import read_prompts, run_batch
 from backend.storage.store import Store
 
 PROMPTS = ["When Mary and John went to the store, John gave a drink to",
@@ -44,7 +44,7 @@ def test_interrupted_run_resumes_without_recomputing(tiny_llama, prompts_file, t
         return real(handle, analysis, prompt, target, settings)
 
     monkeypatch.setattr(batch, "compute", counting)
-    settings = {"max_nodes": 8, "steps": 2}
+    settings = {"graph": {"max_nodes": 8}, "paths": {"steps": 2}}
     with pytest.raises(KeyboardInterrupt):
         run_batch(tiny_llama, prompts, ["lens", "graph", "paths"], out, settings=settings)
     assert len(list(out.glob("0*.json"))) == 4 and not list(out.glob("*.tmp"))
@@ -64,10 +64,12 @@ def test_into_the_gallery_once_per_result(tiny_llama, prompts_file, tmp_path):
     store = Store(tmp_path / "gallery.sqlite")
     prompts = [{"prompt": "a b c", "target": None}, {"prompt": "Mary and John", "target": None}]
     for _ in range(2):  # a rerun replaces, never duplicates
-        run_batch(tiny_llama, prompts, ["lens", "paths"], tmp_path / "out", settings={"steps": 2}, store=store)
+        run_batch(tiny_llama, prompts, ["lens", "paths"], tmp_path / "out", settings={"paths": {"steps": 2}},
+                  store=store)
     assert store.count() == 4
     saved = store.search("a b c", kind="paths")[0]
-    assert saved.settings["url"] == {"prompt": "a b c", "steps": "2"}
+    assert saved.settings["values"]["steps"] == 2 and "url" not in saved.settings  # values, never page URLs
+    assert saved.prompt == "a b c"  # as typed: the document-start token is the batch's bos setting
 
 
 def test_cli_batch_reports_bad_items_with_exit_2(tiny_llama, tmp_path, monkeypatch):

@@ -17,11 +17,13 @@ def test_lens_json(smollm2, tmp_path):
     out = tmp_path / "lens.json"
     assert main(["lens", "--model", "smollm2", "--prompt", FRANCE_PROMPT, "--out", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["tokens"] == ["The", " capital", " of", " France", " is"]
+    assert data["tokens"] == ["<|endoftext|>", "The", " capital", " of", " France", " is"]  # --bos on by default
     assert data["top_predictions"][0]["token"] == " Paris"
     assert {"token", "prob"} <= set(data["top_predictions"][0])
-    assert len(data["target_prob"]) == 31 and len(data["target_prob"][0]) == 5
+    assert len(data["target_prob"]) == 31 and len(data["target_prob"][0]) == 6
     assert len(data["top_token"]) == 31 and data["top_token"][-1][-1] == " Paris"
+    assert main(["lens", "--prompt", FRANCE_PROMPT, "--bos", "off", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["tokens"][0] == "The"
 
 
 @pytest.mark.parametrize(
@@ -50,7 +52,7 @@ def test_heatmap_and_graph_json(smollm2, tmp_path):
     out = tmp_path / "heat.json"
     assert main(["heatmap", "--prompt", FRANCE_PROMPT, "--quantity", "mlp_norm", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["quantity"] == "mlp_norm" and len(data["values"]) == 30 and len(data["values"][0]) == 5
+    assert data["quantity"] == "mlp_norm" and len(data["values"]) == 30 and len(data["values"][0]) == 6
     out = tmp_path / "graph.json"
     assert main(["graph", "--prompt", FRANCE_PROMPT, "--target", " Paris", "--max-nodes", "30", "--out", str(out)]) == 0
     graph = json.loads(out.read_text())
@@ -65,7 +67,8 @@ def test_paths_json(smollm2, tmp_path):
     data = json.loads(out.read_text())
     assert {"path", "jas", "baselines", "evaluation"} <= set(data)
     assert set(data["path"][0]) == {"layer", "neuron", "activation", "score"}
-    assert set(data["evaluation"]["remove"]) == {"path", "activation_baseline", "gradient_baseline", "random_mean", "random_std"}
+    assert set(data["evaluation"]["remove"]) == {"path", "activation_baseline", "gradient_baseline", "random_mean",
+                                                 "random_std", "best"}
 
 
 def test_patch_json(smollm2, tmp_path):
@@ -76,6 +79,7 @@ def test_patch_json(smollm2, tmp_path):
     assert main(args) == 0
     data = json.loads(out.read_text())
     assert set(data["grids"]) == {"resid_pre", "attn_out", "mlp_out", "heads"} and "relp" in data["seconds"]
+    assert data["metric"]["normalized"] and data["metric"]["denominator"] > 5
     assert main(args[:4] + ["When Mary went"] + args[5:]) == 2  # unequal lengths
 
 
@@ -87,6 +91,8 @@ def test_intervene_json(smollm2, tmp_path):
     assert main(["intervene", "--prompt", FRANCE_PROMPT, "--target", " Paris", "--spec", str(spec),
                  "--controls", "5", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert {"before", "after", "delta_target_prob", "controls"} <= set(data) and len(data["controls"]["null"]) == 5
+    assert {"before", "after", "delta_target_prob", "controls"} <= set(data)
+    assert len(data["controls"]["trained"]["null"]) == 5 and data["controls"]["null_kind"] == "matched"
+    assert data["controls"]["dead_salmon"]["items"] != data["controls"]["trained"]["items"]
     spec.write_text("{not json")
     assert main(["intervene", "--prompt", FRANCE_PROMPT, "--spec", str(spec), "--out", str(out)]) == 2

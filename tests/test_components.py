@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from backend.graphs.neuronpedia import GraphNode
 from components.graph_view import edges_of, graph_figure, node_xy, selected_node_id
 from components.heatmap import clickable_grid, coloured_tokens_html, head_multiples, selected_cell, selected_head
 from components.tokens import visible
@@ -31,19 +32,45 @@ def test_grid_click_layer_carries_plain_lists():
 
 def test_graph_layout_and_edges():
     nodes = [
-        {"node_id": "E_1_0", "kind": "embedding", "layer": -1, "ctx_idx": 0, "label": "emb", "feature": 0},
-        {"node_id": "0_5_0", "kind": "neuron", "layer": 0, "ctx_idx": 0, "label": "n1", "feature": 5},
-        {"node_id": "0_7_0", "kind": "neuron", "layer": 0, "ctx_idx": 0, "label": "n2", "feature": 7},
-        {"node_id": "3_9_0", "kind": "logit", "layer": 2, "ctx_idx": 0, "label": 'Output " x" (p=0.5)', "feature": 9},
+        GraphNode("E_1_0", "embedding", -1, 0, 0, "emb"),
+        GraphNode("0_5_0", "neuron", 0, 0, 5, "n1"),
+        GraphNode("0_7_0", "neuron", 0, 0, 7, "n2"),
+        GraphNode("3_9_0", "logit", 2, 0, 9, 'Output " x" (p=0.5)'),
     ]
-    links = [{"source": "E_1_0", "target": "0_5_0", "weight": 2.0}, {"source": "0_5_0", "target": "3_9_0", "weight": -1.0},
-             {"source": "0_7_0", "target": "3_9_0", "weight": 0.5}]
+    links = [
+        {"source": "E_1_0", "target": "0_5_0", "weight": 2.0},
+        {"source": "0_5_0", "target": "3_9_0", "weight": -1.0},
+        {"source": "0_7_0", "target": "3_9_0", "weight": 0.5},
+    ]
     xy = node_xy(nodes)
     assert xy["0_5_0"][0] != xy["0_7_0"][0] and xy["0_5_0"][1] == xy["0_7_0"][1] == 0.0
     fig = graph_figure(nodes, links, ["x"], selected="0_5_0", max_links=2)
     colours = {trace.line.color for trace in fig.data if trace.mode == "lines"}
     assert colours == {"#1f77b4", "#d62728"}  # positive and negative, the weakest link dropped
     assert [l["weight"] for l in edges_of("3_9_0", links, "in")] == [-1.0, 0.5]
+    grouped = graph_figure(
+        nodes[:1]
+        + [GraphNode("supernode:pair", "supernode", 0, 0, -1, "pair", members=["0_5_0", "0_7_0"])]
+        + nodes[3:],
+        [{"source": "supernode:pair", "target": "3_9_0", "weight": -0.5}],
+        ["x"],
+        max_links=5,
+    )
+    box = next(t for t in grouped.data if t.name == "supernode")
+    assert list(box.text) == ["pair"] and list(box.customdata[0]) == ["supernode:pair"]
+
+
+def test_path_picture_puts_methods_in_rows_and_layers_in_columns():
+    from components.paths_view import path_figure
+
+    path = [{"layer": l, "neuron": 100 + l, "activation": 1.0, "score": s} for l, s in enumerate([1.0, 4.0, 2.0])]
+    baselines = {"activation_baseline": [{"layer": l, "neuron": l, "activation": 1.0, "score": 1.0} for l in range(3)]}
+    fig = path_figure(path, baselines, 3, selected=(1, 101), labels={(1, 101): "capital cities"})
+    chips = next(t for t in fig.data if t.name == "NeuronPath")
+    assert list(chips.x) == [0, 1, 2] and set(chips.y) == {0.0} and "capital cities" in chips.text[1]
+    assert set(next(t for t in fig.data if t.name == "most activated").y) == {-4.0}
+    widths = [t.line.width for t in fig.data if t.mode == "lines" and t.line.color == "#d62728"]
+    assert widths[0] > widths[1]  # the link into layer 1 (score 4) is the widest
 
 
 def test_markdown_escaping():

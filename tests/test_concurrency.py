@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from backend.causal import circuit as circuit_module
-from backend.runtime.cache import BoundedCache, results_cache
+from backend.runtime.cache import BoundedCache, clear_all, results_cache
 from tests.conftest import FRANCE_PROMPT, IOI_PROMPT
 
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
@@ -16,12 +16,12 @@ CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 
 def jobs(handle):
     """Eight different analyses, as eight clients would ask for them."""
-    from backend.graphs.attribution import attribution_graph
     from backend.analyses.heatmaps import heatmap
     from backend.analyses.inspect_prompt import inspect_prompt
-    from backend.causal.interventions import intervene
     from backend.analyses.lens import logit_lens
+    from backend.causal.interventions import intervene
     from backend.causal.patching import patching
+    from backend.graphs.attribution import attribution_graph
 
     zero_neurons = {"interventions": [{"kind": "neuron", "layer": 20, "index": i, "op": "zero"} for i in range(50)],
                     "continue_tokens": 3}
@@ -41,9 +41,7 @@ def jobs(handle):
 
 
 def clear_caches():
-    results_cache.clear()
-    circuit_module.context_cache.clear()
-    circuit_module.circuit_cache.clear()
+    clear_all()
 
 
 TIMINGS = {"seconds", "timings"}
@@ -74,7 +72,7 @@ def test_eight_concurrent_clients_get_the_serial_results(smollm2):
 
 
 def test_caches_are_bounded():
-    cache = BoundedCache(max_entries=3)
+    cache = BoundedCache("test", max_entries=3)
     for i in range(100):
         cache.get_or_compute(i, lambda i=i: i * i)
     assert len(cache) == 3 and cache.get_or_compute(99, lambda: pytest.fail("evicted")) == 99 * 99
@@ -90,9 +88,9 @@ def test_a_cancelled_analysis_leaves_the_model_clean(tiny_llama, analysis):
     import torch
 
     from backend.causal.circuit import circuit
-    from backend.graphs.attribution import attribution_graph
-    from backend.causal.paths import neuron_path
     from backend.causal.patching import patching
+    from backend.causal.paths import neuron_path
+    from backend.graphs.attribution import attribution_graph
 
     calls = []
 
@@ -125,17 +123,17 @@ def test_a_cancelled_analysis_leaves_the_model_clean(tiny_llama, analysis):
         assert run_again().settings["max_nodes"] == 30  # nothing half-done was cached
 
 
-@pytest.mark.parametrize("analysis, moment", [("graph", "Edges"), ("patching", "exact"), ("paths", "Layer")])
+@pytest.mark.parametrize("analysis, moment", [("graph", "Neuron rows"), ("patching", "exact"), ("paths", "Layer")])
 def test_other_requests_are_served_during_a_long_analysis(tiny_llama, analysis, moment):
     """Long analyses hold the model's lock only for each pass (a graph not at all during its
     backward passes): another request completes in the middle of one (were the lock held
     throughout, it would wait for the end and this test would time out)."""
     import threading
 
-    from backend.graphs.attribution import attribution_graph
     from backend.analyses.lens import logit_lens
-    from backend.causal.paths import neuron_path
     from backend.causal.patching import patching
+    from backend.causal.paths import neuron_path
+    from backend.graphs.attribution import attribution_graph
 
     clear_caches()
     served = threading.Event()

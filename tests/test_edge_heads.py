@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from backend.graphs.edge_heads import edge_heads
 from backend.graphs.attribution import attribution_graph
+from backend.graphs.edge_heads import edge_heads
 
 PROMPT = "When Mary and John went to the store"
 
@@ -36,7 +36,7 @@ def test_same_position_residual_term_is_the_sources_own_write(tiny_llama):
     layer, _, neuron = graph.features[source]
     split = edge_heads(tiny_llama, graph, source, target)
     # own write = activation * W_down[:, neuron], read through the final norm and unembedding
-    from backend.runtime.linearize import record_frozen, linear_forward
+    from backend.runtime.linearize import linear_forward, record_frozen
 
     ids = torch.tensor([graph.token_ids])
     frozen = record_frozen(tiny_llama, ids)

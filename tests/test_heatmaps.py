@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from backend.errors import UserInputError
 from backend.analyses.heatmaps import attention_pattern, cell_detail, compare_grids, heatmap, target_readout
 from backend.analyses.neurons import cached_trace, neuron_view
+from backend.errors import UserInputError
 
 PROMPT = "When Mary and John went to the store"
 

@@ -1,4 +1,4 @@
-"""Patching on SmolLM2 with the IOI pair: RelP tracks exact patching, and fast."""
+"""Patching on SmolLM2 with the IOI pair: RelP tracks exact patching (timings: bench/)."""
 
 import json
 from pathlib import Path
@@ -21,13 +21,12 @@ def ioi(smollm2):
 
 def test_ioi_metric(ioi):
     assert ioi.metric["clean"] > 3 and ioi.metric["corrupt"] < -3  # " Mary" vs " John" flips
+    assert ioi.metric["normalized"] and ioi.metric["denominator"] == pytest.approx(
+        ioi.metric["clean"] - ioi.metric["corrupt"]
+    )
 
 
 def test_relp_tracks_exact_patching(ioi):
     for site in ("attn_out", "mlp_out", "heads"):
         assert ioi.pearson[site]["relp"] > 0.9, (site, ioi.pearson[site])
     assert ioi.pearson["mlp_out"]["relp"] > ioi.pearson["mlp_out"]["atp"]  # the published pattern
-
-
-def test_approximations_are_much_faster(ioi):
-    assert ioi.seconds["exact"] / ioi.seconds["relp"] > 20  # 177x measured on all sites (bench)

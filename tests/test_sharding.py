@@ -7,27 +7,25 @@ import json
 import numpy as np
 import pytest
 
-from backend.causal import circuit as circuit_module
-from backend.runtime.cache import results_cache
+from backend.runtime.cache import clear_all
 from backend.runtime.models import load_uncached
-from tests.tiny import tiny_handle
 from tests.conftest import IOI_PROMPT
+from tests.tiny import tiny_handle
 
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 
 
 def analyses(handle) -> dict:
-    from backend.graphs.edge_heads import edge_heads
-    from backend.graphs.attribution import attribution_graph
     from backend.analyses.heatmaps import heatmap
-    from backend.causal.interventions import intervene
     from backend.analyses.lens import logit_lens
-    from backend.causal.paths import neuron_path
+    from backend.causal.circuit import circuit
+    from backend.causal.interventions import intervene
     from backend.causal.patching import patching
+    from backend.causal.paths import neuron_path
+    from backend.graphs.attribution import attribution_graph
+    from backend.graphs.edge_heads import edge_heads
 
-    results_cache.clear()
-    circuit_module.context_cache.clear()
-    circuit_module.circuit_cache.clear()
+    clear_all()
     graph = attribution_graph(handle, IOI_PROMPT, max_nodes=10)
     head_zero = {"interventions": [{"kind": "head", "layer": 1, "index": 0, "op": "zero"}], "continue_tokens": 2}
     return {
@@ -36,8 +34,8 @@ def analyses(handle) -> dict:
         "graph": np.asarray(graph.adjacency),
         "edge_heads": edge_heads(handle, graph, 0, graph.adjacency.shape[0] - 1).heads,
         "patching": patching(handle, IOI_PROMPT, CORRUPT, " Mary", " John", sites=("heads", "mlp_out")).grids,
-        "circuit": circuit_module.circuit(handle, IOI_PROMPT, CORRUPT, " Mary", " John", method="eap-ig", steps=2,
-                                          n_random=1, curve_size=4).curve,
+        "circuit": circuit(handle, IOI_PROMPT, CORRUPT, " Mary", " John", method="eap-ig", steps=2,
+                             n_random=1, curve_size=4).curve,
         "paths": neuron_path(handle, IOI_PROMPT, steps=3, n_random=2).path,
         "intervene": intervene(handle, IOI_PROMPT, head_zero).after,
     }
@@ -59,4 +57,6 @@ def test_every_analysis_works_on_a_model_split_between_memory_and_disk(family, t
     assert any(p.device.type == "meta" for p in sharded.model.parameters())  # really offloaded
     expected, got = analyses(whole), analyses(sharded)
     for name in expected:
-        assert json.dumps(got[name], default=np.ndarray.tolist) == json.dumps(expected[name], default=np.ndarray.tolist), name
+        assert json.dumps(got[name], default=np.ndarray.tolist) == json.dumps(
+            expected[name], default=np.ndarray.tolist
+        ), name

@@ -64,11 +64,14 @@ def test_concurrent_saves_from_threads_and_processes(store):
         try:
             for i in range(10):
                 save(store, f"thread {k} #{i}")
-        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+        except Exception as exc:
             errors.append(exc)
 
-    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from backend.storage.store import Store; s = Store({str(store.path)!r})\n"
-              "for i in range(10): s.save('graph', f'process {sys.argv[1]} #{i}', 'm', 'p', '{}')")
+    script = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); from backend.storage.store import Store; "
+        f"s = Store({str(store.path)!r})\n"
+        "for i in range(10): s.save('graph', f'process {sys.argv[1]} #{i}', 'm', 'p', '{}')"
+    )
     processes = [subprocess.Popen([sys.executable, "-c", script, str(k)]) for k in range(2)]
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
     for t in threads:

@@ -9,20 +9,28 @@ import streamlit as st
 
 from backend.errors import OUT_OF_MEMORY, UserInputError, is_out_of_memory
 from backend.runtime.models import DEFAULT_MODEL, EMBEDDED_MODELS, ModelHandle, get_model, is_loaded
-from backend.runtime.prompts import encode_prompt, resolve_token
+from backend.runtime.prompts import document_start, encode_prompt, resolve_token, with_bos
+from backend.settings import SIDEBAR, Setting
 
-DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
+DEFAULT_PROMPT = SIDEBAR["prompt"].default
 OTHER_MODEL = "other (folder, .gguf, hub id)"
 URL_KEYS = ("model", "prompt", "target")
 
 
 @dataclass(frozen=True)
 class Selection:
-    """The last valid model, prompt and target: what every page computes on."""
+    """The last valid model, prompt and target: what every page computes on. ``text`` is
+    the prompt as the model reads it (with the document-start token when ``bos`` is on)."""
 
     model: str
     prompt: str
     target: str  # "" = the top prediction
+    bos: str = "on"
+    text: str = ""
+
+    def with_prompt(self, prompt: str) -> str:
+        """Another prompt (a corrupted one, a comparison) read the same way."""
+        return with_bos(get_model(self.model), prompt, self.bos)
 
 
 def _seed_from_url() -> None:
@@ -35,6 +43,7 @@ def _seed_from_url() -> None:
     st.session_state.model_other = "" if model in EMBEDDED_MODELS else model
     st.session_state.prompt_input = params.get("prompt", DEFAULT_PROMPT)
     st.session_state.target_input = params.get("target", "")
+    st.session_state.bos_input = params.get("bos", "on") != "off"
     st.session_state.active = Selection(DEFAULT_MODEL, DEFAULT_PROMPT, "")
     st.session_state.seeded = True
 
@@ -73,15 +82,24 @@ def sidebar() -> Selection:
             placeholder="top prediction",
             help="One token of the vocabulary, e.g. ' Paris' with its leading space; '#1234' for an id.",
         )
+        st.toggle("Document-start token first", key="bos_input",
+                  help="Prepend the token the model saw at document starts (SmolLM2: <|endoftext|>) when its "
+                       "tokenizer adds none. Position 0 is an attention sink; with this token there, the prompt's "
+                       "first word is a normal token and graphs leave the sink out of their nodes. The inspector "
+                       "shows the prediction with and without it.")
         asked = (
             st.session_state.model_other.strip()
             if st.session_state.model_choice == OTHER_MODEL
             else st.session_state.model_choice
         )
+        bos = "on" if st.session_state.bos_input else "off"
         selection = _validate(
-            Selection(asked or previous.model, st.session_state.prompt_input, st.session_state.target_input),
+            Selection(asked or previous.model, st.session_state.prompt_input, st.session_state.target_input, bos),
             previous,
         )
+        start = document_start(get_model(selection.model))
+        if start and bos == "on":
+            st.caption(f"The model reads `{start}` before the prompt.")
     st.session_state.active = selection
     for key in URL_KEYS:
         value = getattr(selection, key)
@@ -89,6 +107,7 @@ def sidebar() -> Selection:
             st.query_params[key] = value
         elif key in st.query_params:
             del st.query_params[key]
+    write_url("bos", "off" if bos == "off" else "")
     return selection
 
 
@@ -105,7 +124,7 @@ def _validate(asked: Selection, previous: Selection) -> Selection:
         handle = load_model(model)
     prompt = asked.prompt
     try:
-        encode_prompt(handle, prompt)
+        encode_prompt(handle, with_bos(handle, prompt, asked.bos))
     except UserInputError as exc:
         st.error(f"{exc} Showing the previous prompt.")
         prompt = previous.prompt
@@ -116,7 +135,7 @@ def _validate(asked: Selection, previous: Selection) -> Selection:
         except UserInputError as exc:
             st.error(f"{exc} Using the top prediction.")
             target = ""
-    return Selection(model, prompt, target)
+    return Selection(model, prompt, target, asked.bos, with_bos(handle, prompt, asked.bos))
 
 
 def current() -> tuple[Selection, ModelHandle]:
@@ -168,6 +187,19 @@ def url_state(key: str, default, parse=str):
             st.warning(f"Ignored the link's setting {key}={raw[:50]!r} ({exc}); using {default!r}.")
             st.session_state[state_key] = default
     return st.session_state[state_key]
+
+
+def setting_state(setting: Setting):
+    """A page setting from the settings records (backend.settings): seeded once from its URL
+    key (a value the record refuses falls back to the default with a warning); widgets use
+    the session key ``url_<key>``."""
+    return url_state(setting.url, setting.default, setting.from_text)
+
+
+def write_setting(setting: Setting) -> None:
+    """Write a setting's widget value to the URL (removed when it is the default)."""
+    value = st.session_state[f"url_{setting.url}"]
+    write_url(setting.url, "" if value == setting.default else setting.to_text(value))
 
 
 def in_range(parse, low, high):
@@ -274,3 +306,22 @@ def opened(kind: str):
         del st.query_params["saved"]
         st.rerun()
     return saved
+
+
+@st.cache_resource
+def _examples_started() -> dict:
+    return {}
+
+
+def start_examples_once(model: str) -> None:
+    """On a server's first start, build the worked examples its gallery lacks, in the
+    background (CIRCUITSCOPE_EXAMPLES=0 turns this off, as the tests do)."""
+    import os
+
+    from backend.storage.examples import build_missing_in_background
+
+    started = _examples_started()
+    if os.environ.get("CIRCUITSCOPE_EXAMPLES", "1") == "0" or started.get(model):
+        return
+    started[model] = True
+    show_user_errors(build_missing_in_background, model, gallery_store())

@@ -4,16 +4,31 @@ import json
 
 import streamlit as st
 
-from backend.graphs.edge_heads import edge_heads
-from backend.graphs.attribution import AttributionGraph, attribution_graph
-from backend.graphs.neuronpedia import GraphView, node_ids, parse_graph_json, to_graph_json, view_from_graph
-from backend.causal.interventions import neuron_items
 from backend.analyses.neurons import neuron_view
+from backend.causal.interventions import neuron_items
+from backend.graphs.attribution import attribution_graph
+from backend.graphs.edge_heads import edge_heads
+from backend.graphs.graph import AttributionGraph
+from backend.graphs.grouping import group_id, grouped_view
+from backend.graphs.neuronpedia import GraphView, node_ids, parse_graph_json, to_graph_json, view_from_graph
+from backend.settings import GRAPH
 from components.charts import head_grid
 from components.graph_view import edges_of, graph_figure, selected_node_id
 from components.neuron_panel import neuron_panel
-from views.common import (chart, current, follow_click, in_range, opened, run_with_progress, set_url_state,
-                          show_user_errors, url_state, write_url)
+from components.tokens import visible
+from views.common import (
+    chart,
+    current,
+    follow_click,
+    opened,
+    run_with_progress,
+    set_url_state,
+    setting_state,
+    show_user_errors,
+    url_state,
+    write_setting,
+    write_url,
+)
 from views.intervene_panel import intervene_panel
 from views.save_panel import node_labels, save_panel
 
@@ -33,26 +48,38 @@ def _supernodes(text: str) -> list[list[str]]:
     return [g for g in groups if isinstance(g, list) and len(g) >= 2 and all(isinstance(x, str) for x in g)]
 
 
+def _included(text: str) -> list[tuple[int, int, int]]:
+    """Promoted neurons "layer.pos.index,..." from the URL."""
+    return [tuple(int(x) for x in part.split(".")) for part in _csv(text) if part.count(".") == 2]
+
+
+if "wrong" in st.query_params and "gwrong" not in st.query_params:  # links made before the key was renamed
+    st.query_params["gwrong"] = st.query_params["wrong"]
+    del st.query_params["wrong"]
+for setting in GRAPH.settings:
+    setting_state(setting)
 pinned: list[str] = url_state("pinned", [], _csv)
 supernodes: list[list[str]] = url_state("supernodes", [], _supernodes)
 selected: str = url_state("node", "")
-url_state("k", 200, in_range(int, 1, 2000))
-url_state("nt", 0.8, in_range(float, 0.1, 1.0))
-url_state("et", 0.98, in_range(float, 0.1, 1.0))
-url_state("wrong", "")
+url_state("grouped", False, lambda text: text == "1")
+included: list[tuple[int, int, int]] = url_state("inc", [], _included)
 
 with st.expander("Settings", expanded=False):
-    cols = st.columns(5)
-    cols[0].number_input("Neuron nodes (K)", 1, 2000, step=50, key="url_k",
-                         help="Neurons ranked by total attribution to the targets; the rest become 'other neurons' nodes.")
-    cols[1].text_input("Wrong token (logit difference)", key="url_wrong",
+    cols = st.columns(6)
+    cols[0].number_input("Neuron nodes (K)", 1, 5000, step=50, key="url_k",
+                         help="Chosen as circuit-tracer chooses features: by influence on the logits through the graph "
+                              "built so far; the rest of each (layer, position) is its 'other neurons' node.")
+    cols[1].text_input("Wrong token (logit difference)", key="url_gwrong",
                        help="With a target token set in the sidebar: attribute logit(target) − logit(wrong).")
     cols[2].slider("Node threshold", 0.1, 1.0, step=0.01, key="url_nt")
     cols[3].slider("Edge threshold", 0.1, 1.0, step=0.005, key="url_et")
-    max_links = cols[4].slider("Edges drawn (strongest)", 50, 3000, 400, step=50)
+    cols[4].toggle("'Other' nodes get inputs", key="url_oin",
+                   help="On: 'other neurons' nodes are exact linear functions of upstream nodes, so influence flows "
+                        "through them to the tokens. Off: circuit-tracer's error semantics (no inputs).")
+    max_links = cols[5].slider("Edges drawn (strongest)", 50, 3000, 400, step=50)
     uploaded = st.file_uploader("Open a circuit-tracer / Neuronpedia graph JSON instead", type=["json"])
-for key in ("k", "nt", "et", "wrong"):
-    write_url(key, st.session_state[f"url_{key}"])
+for setting in GRAPH.settings:
+    write_setting(setting)
 
 
 def compute_graph() -> tuple[GraphView | None, AttributionGraph | None]:
@@ -63,8 +90,9 @@ def compute_graph() -> tuple[GraphView | None, AttributionGraph | None]:
     if uploaded is not None:
         return show_user_errors(parse_graph_json, uploaded.getvalue()), None
     graph = run_with_progress(
-        attribution_graph, handle, selection.prompt, selection.target or None,
-        wrong=st.session_state.url_wrong.strip() or None, max_nodes=int(st.session_state.url_k),
+        attribution_graph, handle, selection.text, selection.target or None,
+        wrong=st.session_state.url_gwrong.strip() or None, max_nodes=int(st.session_state.url_k),
+        other_inputs=bool(st.session_state.url_oin), include=included,
         label="Computing the attribution graph", key="graph",
     )
     if graph is None:
@@ -72,33 +100,60 @@ def compute_graph() -> tuple[GraphView | None, AttributionGraph | None]:
     return show_user_errors(view_from_graph, graph, st.session_state.url_nt, st.session_state.url_et), graph
 
 
-view, graph = compute_graph()
-if view is None:
+full_view, graph = compute_graph()
+if full_view is None:
     st.stop()
+selected = full_view.canonical_id(selected) if selected else selected
+pinned = [full_view.canonical_id(p) for p in pinned]
+supernodes = [[name, *(full_view.canonical_id(m) for m in members)] for name, *members in supernodes]
+view = full_view
 
-known_ids = {n["node_id"] for n in view.nodes}
-meta = view.metadata
+meta = full_view.metadata
 scores = meta.get("scores", {})
 cols = st.columns(5)
-cols[0].metric("Nodes shown", len(view.nodes))
-cols[1].metric("Links", len(view.links))
-cols[2].metric("Replacement", f"{scores['replacement']:.3f}" if "replacement" in scores else "–")
-cols[3].metric("Completeness", f"{scores['completeness']:.3f}" if "completeness" in scores else "–")
+cols[0].metric("Nodes shown", len(full_view.nodes))
+cols[1].metric("Links", len(full_view.links))
+cols[2].metric("Replacement", f"{scores['replacement']:.3f}" if "replacement" in scores else "–",
+               help="Of the influence reaching an input or a dead-end 'other' node, the share reaching an input "
+                    "along paths that avoid every 'other neurons' node.")
+cols[3].metric("Completeness", f"{scores['completeness']:.3f}" if "completeness" in scores else "–",
+               help="Influence-weighted share of each node's incoming |edges| not coming from 'other neurons'.")
 cols[4].metric("Computed in", f"{meta['timings']['total_s']:.1f} s" if "timings" in meta else "imported")
 
-filters = st.columns([3, 1])
-kinds = filters[0].multiselect(
-    "Node kinds", ["embedding", "neuron", "other", "bias", "logit"], ["embedding", "neuron", "other", "bias", "logit"]
-)
+embeddings = sorted((n for n in full_view.nodes if n.kind == "embedding"), key=lambda n: n.ctx_idx)
+context = [n for n in embeddings if n.ctx_idx != meta.get("sink") and n.ctx_idx < len(full_view.tokens) - 1]
+if context and context[0].influence is not None:
+    with st.expander("Context tokens: influence and exact contribution", expanded=False):
+        by_influence = min(context, key=lambda n: n.influence)  # cumulative: smaller = more influential
+        rows = [{"position": n.ctx_idx, "token": visible(full_view.tokens[n.ctx_idx]),
+                 "cumulative influence": round(n.influence, 4),
+                 "contribution to the target": None if n.contribution is None else round(n.contribution, 3)}
+                for n in context]
+        st.dataframe(rows, hide_index=True)
+        st.caption(f"Most influential by circuit-tracer's measure (absolute edge shares, no cancellation): "
+                   f"{visible(full_view.tokens[by_influence.ctx_idx])!s}. The contribution is the token's exact "
+                   "signed share of the weighted target logits in the linearized model (contributions + bias = the "
+                   "targets); it lets paths that cancel cancel. The last position and the sink are left out.")
+
+filters = st.columns([3, 1, 1])
+kinds = filters[0].multiselect("Node kinds", ["embedding", "neuron", "other", "bias", "logit"],
+                               ["embedding", "neuron", "other", "bias", "logit"])
 only_pinned = filters[1].toggle("Pinned subgraph only", value=False, disabled=not pinned)
-shown = [n for n in view.nodes if n["kind"] in kinds and (not only_pinned or n["node_id"] in pinned or n["kind"] == "logit")]
-labels = {**{member: name for name, *members in supernodes for member in members}, **node_labels()}
+filters[2].toggle("Group supernodes", key="url_grouped", disabled=not supernodes,
+                  help="Draw each supernode as one box; its edges are its members' edges summed.")
+write_url("grouped", "1" if st.session_state.url_grouped else "")
+grouped = bool(st.session_state.url_grouped and supernodes)
+if grouped:
+    view = show_user_errors(grouped_view, full_view, supernodes) or full_view
+shown = [n for n in view.nodes if (n.kind in kinds or n.kind == "supernode")
+         and (not only_pinned or n.node_id in pinned or n.kind in ("logit", "supernode"))]
+labels = {**({} if grouped else {member: name for name, *members in supernodes for member in members}),
+          **node_labels()}
 
 left, right = st.columns([3, 2])
 with left:
-    figure = graph_figure(
-        shown, view.links, view.tokens, selected=selected, pinned=set(pinned), labels=labels, max_links=max_links
-    )
+    figure = graph_figure(shown, view.links, view.tokens, selected=selected, pinned=set(pinned), labels=labels,
+                          max_links=max_links)
     event = chart(figure, "graph_chart", export=f"Attribution graph: {''.join(view.tokens)}", on_select="rerun",
                   selection_mode="points")
     follow_click(selected_node_id(event), "node")
@@ -112,24 +167,47 @@ def toggle_pin(node_id: str) -> None:
     set_url_state("pinned", [p for p in pinned if p != node_id] if node_id in pinned else pinned + [node_id], ",".join)
 
 
+def promote(layer: int, pos: int, neuron: int) -> None:
+    set_url_state(
+        "inc", included + [(layer, pos, neuron)], lambda units: ",".join(".".join(map(str, u)) for u in units)
+    )
+    set_url_state("node", f"{layer}_{neuron}_{pos}")
+
+
 def edge_buttons(node_id: str, direction: str) -> None:
     for i, link in enumerate(edges_of(node_id, view.links, direction)):
         other = link["source"] if direction == "in" else link["target"]
         node = view.node(other)
-        name = node["label"] if node else other
+        name = node.label if node else other
         arrow = "←" if direction == "in" else "→"
-        st.button(f"{arrow} {name}   ({link['weight']:+.3g})", key=f"edge_{direction}_{i}", on_click=select, args=(other,))
+        st.button(
+            f"{arrow} {name}   ({link['weight']:+.3g})", key=f"edge_{direction}_{i}", on_click=select, args=(other,)
+        )
 
 
 def show_edge_heads(target_id: str, incoming: list[dict]) -> None:
     """Split one incoming edge over the attention heads that carry it."""
-    names = {l["source"]: (view.node(l["source"]) or {"label": l["source"]})["label"] for l in incoming}
+    names = {l["source"]: (view.node(l["source"]).label if view.node(l["source"]) else l["source"]) for l in incoming}
     source_id = st.selectbox("Which heads carry the edge from…", list(names), format_func=names.get, key="edge_source")
     index = {node_id: i for i, node_id in enumerate(node_ids(graph))}
     split = show_user_errors(edge_heads, handle, graph, index[source_id], index[target_id])
     if split is not None:
-        st.caption(f"edge {split.edge:+.4g} = heads {split.heads.sum():+.4g} + residual stream only {split.residual:+.4g}")
+        st.caption(
+            f"edge {split.edge:+.4g} = heads {split.heads.sum():+.4g} + residual stream only {split.residual:+.4g}"
+        )
         st.plotly_chart(head_grid(split.heads, "Direct effect by last attention hop"), key="edge_heads_grid")
+
+
+def other_members(node) -> None:
+    members = meta.get("other_members", {}).get(f"{node.layer},{node.ctx_idx}", [])
+    if not members:
+        return
+    st.markdown("**Members with the most influence** (not listed as nodes; promote one to see its edges)")
+    for i, m in enumerate(members):
+        st.button(f"↑ L{node.layer} N{m['neuron']}: influence {m['influence']:.3g}, direct effect on the targets "
+                  f"{m['logit_effect']:+.3g}, activation {m['activation']:.3g}", key=f"promote_{i}",
+                  on_click=promote, args=(node.layer, node.ctx_idx, m["neuron"]),
+                  disabled=graph is None, help="Recompute the graph with this neuron as a node.")
 
 
 with right:
@@ -137,39 +215,51 @@ with right:
     if node is None:
         st.info("Click a node in the graph to see what feeds it and what it feeds.")
     else:
-        st.subheader(node["label"])
-        st.caption(f"{node['kind']} · layer {node['layer']} · position {node['ctx_idx']} · id {node['node_id']}")
-        facts = st.columns(2)
-        if node.get("activation") is not None:
-            facts[0].metric("Activation", f"{node['activation']:.4g}")
-        if node.get("influence") is not None:
-            facts[1].metric("Cumulative influence", f"{node['influence']:.3f}")
-        st.button("Unpin" if node["node_id"] in pinned else "Pin", on_click=toggle_pin, args=(node["node_id"],))
+        st.subheader(node.label)
+        st.caption(f"{node.kind} · layer {node.layer} · position {node.ctx_idx} · id {node.node_id}")
+        facts = st.columns(3)
+        if node.activation is not None:
+            facts[0].metric(
+                "Activation" if node.kind == "neuron" else "Effect on the targets", f"{node.activation:.4g}"
+            )
+        if node.influence is not None:
+            facts[1].metric("Cumulative influence", f"{node.influence:.3f}")
+        if node.contribution is not None:
+            facts[2].metric("Contribution to the target", f"{node.contribution:+.3f}")
+        if node.kind == "supernode":
+            st.markdown("**Members**: " + ", ".join(node.members))
+        else:
+            st.button("Unpin" if node.node_id in pinned else "Pin", on_click=toggle_pin, args=(node.node_id,))
         st.markdown("**Strongest incoming edges**")
-        edge_buttons(node["node_id"], "in")
+        edge_buttons(node.node_id, "in")
         st.markdown("**Strongest outgoing edges**")
-        edge_buttons(node["node_id"], "out")
-        incoming = edges_of(node["node_id"], view.links, "in")
-        if graph is not None and incoming:
-            show_edge_heads(node["node_id"], incoming)
-        if node["kind"] == "neuron" and meta.get("scan") == handle.name:
-            detail = show_user_errors(neuron_view, handle, selection.prompt, node["layer"], int(node["feature"]))
+        edge_buttons(node.node_id, "out")
+        if node.kind == "other":
+            other_members(node)
+        incoming = edges_of(node.node_id, view.links, "in")
+        if graph is not None and incoming and node.kind != "supernode" and not grouped:
+            show_edge_heads(node.node_id, incoming)
+        if node.kind == "neuron" and meta.get("scan") == handle.name:
+            detail = show_user_errors(neuron_view, handle, selection.text, node.layer, node.feature)
             if detail is not None:
                 neuron_panel(detail.tokens, detail.activations, detail.promotes, detail.suppresses, "neuron_acts")
 
-def neuron_triples(node_ids: list[str]) -> list[tuple[int, int, int]]:
-    """(layer, position, neuron) of the neuron nodes among ``node_ids``; supernodes expand to members."""
-    expanded = [member for node_id in node_ids for member in ([node_id] + [m for name, *ms in supernodes
-                if name == node_id for m in ms])]
-    nodes = [view.node(node_id) for node_id in dict.fromkeys(expanded)]
-    return [(n["layer"], n["ctx_idx"], int(n["feature"])) for n in nodes if n and n["kind"] == "neuron"]
+
+def neuron_triples(ids: list[str]) -> list[tuple[int, int, int]]:
+    """(layer, position, neuron) of the neuron nodes among ``ids``; supernodes expand to members."""
+    expanded = [member for node_id in ids for member in ([node_id] + [m for name, *ms in supernodes
+                if node_id in (name, group_id(name)) for m in ms])]
+    nodes = [full_view.node(node_id) for node_id in dict.fromkeys(expanded)]
+    return [(n.layer, n.ctx_idx, n.feature) for n in nodes if n and n.kind == "neuron"]
 
 
 if meta.get("scan") == handle.name:
-    intervene_panel(handle, selection.prompt, selection.target or None,
-                    neuron_items(neuron_triples(pinned or ([selected] if selected else []))), "graph_intervene")
+    intervene_panel(handle, selection.text, selection.target or None,
+                    neuron_items(neuron_triples(pinned or ([selected] if selected else []))), "graph_intervene",
+                    extra={"selection": {"method": "graph", "max_nodes": int(st.session_state.url_k)}})
 
 st.subheader("Pinned nodes and supernodes")
+known_ids = {n.node_id for n in full_view.nodes}
 pin_cols = st.columns([2, 2])
 with pin_cols[0]:
     chosen = st.multiselect("Pinned", sorted(known_ids | set(pinned)), default=pinned, key="pinned_editor")
@@ -187,10 +277,14 @@ with pin_cols[1]:
         row = st.columns([4, 1])
         row[0].markdown(f"**{group}**: {', '.join(members)}")
         if row[1].button("Remove", key=f"remove_supernode_{i}"):
-            set_url_state("supernodes", supernodes[:i] + supernodes[i + 1 :], json.dumps)
+            set_url_state("supernodes", supernodes[:i] + supernodes[i + 1:], json.dumps)
             st.rerun()
 
-exported = to_graph_json(view, pinned=pinned, supernodes=supernodes, clicked=selected)
-save_panel("graph", f"Graph: {''.join(view.tokens)[:80]}", lambda: json.dumps(exported), supernodes=supernodes)
-st.download_button("Download graph JSON (Neuronpedia schema)", lambda: json.dumps(exported), file_name="attribution-graph.json",
-                   mime="application/json")
+exported = to_graph_json(full_view, pinned=pinned, supernodes=supernodes, clicked=selected)
+save_panel("graph", f"Graph: {''.join(full_view.tokens)[:80]}", lambda: json.dumps(exported), supernodes=supernodes)
+downloads = st.columns(2)
+downloads[0].download_button("Download graph JSON (Neuronpedia schema)", lambda: json.dumps(exported),
+                             file_name="attribution-graph.json", mime="application/json")
+if grouped:
+    downloads[1].download_button("Download the grouped graph JSON", lambda: json.dumps(to_graph_json(view)),
+                                 file_name="attribution-graph-grouped.json", mime="application/json")

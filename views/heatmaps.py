@@ -55,7 +55,7 @@ def grid_for(prompt: str):
     return show_user_errors(heatmap, handle, prompt, quantity, selection.target or None, second, neuron)
 
 
-grid = grid_for(selection.prompt)
+grid = grid_for(selection.text)
 if grid is None:
     st.stop()
 cell = tuple(int(v) for v in cell_text.split(",")) if cell_text.count(",") == 1 else None
@@ -78,11 +78,14 @@ follow_click(clicked, "cell", clicked and f"{clicked[0]},{clicked[1]}")
 
 compare_prompt = st.session_state.url_compare.strip()
 if compare_prompt:
-    other = grid_for(compare_prompt)
+    other = grid_for(selection.with_prompt(compare_prompt))
     difference = show_user_errors(compare_grids, grid, other) if other is not None else None
     if difference is not None:
         left, right = st.columns(2)
-        left.plotly_chart(clickable_grid(other.values, other.tokens, other.rows, title=f"{LABELS[quantity]}: second prompt"), key="compare_grid")
+        left.plotly_chart(
+            clickable_grid(other.values, other.tokens, other.rows, title=f"{LABELS[quantity]}: second prompt"),
+            key="compare_grid",
+        )
         right.plotly_chart(clickable_grid(difference.values, difference.tokens, difference.rows, diverging=True,
                                           title="first − second"), key="difference_grid")
 
@@ -105,13 +108,17 @@ if cell is None:
     st.info("Click a cell: the logit lens's top tokens there, the top neurons and heads of that layer.")
 else:
     row, position = cell
-    detail = show_user_errors(cell_detail, handle, selection.prompt, lens_row(grid.rows[row]), position, selection.target or None)
+    detail = show_user_errors(
+        cell_detail, handle, selection.text, lens_row(grid.rows[row]), position, selection.target or None
+    )
     if detail is not None:
         where = "embeddings" if detail.layer < 0 else f"block {detail.layer}"
         st.subheader(f"{where}, position {position} ({grid.tokens[position]!r})")
         cols = st.columns(3)
         cols[0].markdown("**Logit lens, top 10**")
-        cols[0].dataframe([{"token": repr(r["token"]), "prob": round(r["prob"], 4)} for r in detail.lens_top], hide_index=True)
+        cols[0].dataframe(
+            [{"token": repr(r["token"]), "prob": round(r["prob"], 4)} for r in detail.lens_top], hide_index=True
+        )
         if detail.layer >= 0:
             cols[1].markdown("**Neurons by direct effect on the target**")
             for r in detail.neurons_by_effect[:8]:
@@ -130,7 +137,7 @@ st.subheader("Attention")
 layer_choice = st.number_input("Layer", 0, n_layers - 1, value=head_layer, key="attention_layer")
 if layer_choice != head_layer:
     set_url_state("hl", int(layer_choice))
-patterns = show_user_errors(attention_pattern, handle, selection.prompt, int(layer_choice))
+patterns = show_user_errors(attention_pattern, handle, selection.text, int(layer_choice))
 if patterns is not None:
     small, large = st.columns([3, 2])
     with small:
@@ -139,14 +146,26 @@ if patterns is not None:
         follow_click(selected_head(head_event), "head")
     with large:
         shown_head = min(head, len(patterns) - 1)
-        st.plotly_chart(pattern_figure(patterns[shown_head], grid.tokens, f"Layer {int(layer_choice)}, head {shown_head}"),
-                        key="head_large")
-    intervene_panel(handle, selection.prompt, selection.target or None,
-                    [{"kind": "head", "layer": int(layer_choice), "index": shown_head, "positions": None}], "head_intervene")
+        st.plotly_chart(
+            pattern_figure(patterns[shown_head], grid.tokens, f"Layer {int(layer_choice)}, head {shown_head}"),
+            key="head_large",
+        )
+    intervene_panel(
+        handle,
+        selection.text,
+        selection.target or None,
+        [{"kind": "head", "layer": int(layer_choice), "index": shown_head, "positions": None}],
+        "head_intervene",
+    )
 
 st.subheader(f"Neuron L{neuron[0]} N{neuron[1]}")
-view = show_user_errors(neuron_view, handle, selection.prompt, *neuron)
+view = show_user_errors(neuron_view, handle, selection.text, *neuron)
 if view is not None:
     neuron_panel(view.tokens, view.activations, view.promotes, view.suppresses, "heatmap_neuron", as_text=True)
-    intervene_panel(handle, selection.prompt, selection.target or None,
-                    [{"kind": "neuron", "layer": neuron[0], "index": neuron[1], "positions": None}], "heatmap_intervene")
+    intervene_panel(
+        handle,
+        selection.text,
+        selection.target or None,
+        [{"kind": "neuron", "layer": neuron[0], "index": neuron[1], "positions": None}],
+        "heatmap_intervene",
+    )

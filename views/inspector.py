@@ -1,8 +1,10 @@
-"""Prompt inspector: tokens, next-token distribution, target probability/rank, continuation."""
+"""Prompt inspector: tokens, next-token distribution, target probability/rank, continuation,
+and what the document-start token changes."""
 
 import streamlit as st
 
 from backend.analyses.inspect_prompt import inspect_prompt
+from backend.runtime.prompts import with_bos
 from components.charts import top_tokens_bar
 from components.tokens import escape_markdown, token_chips_html, token_rows, visible
 from views.common import current, show_user_errors
@@ -11,7 +13,7 @@ st.title("Prompt inspector")
 selection, handle = current()
 n_continue = st.number_input("Greedy continuation length (tokens)", 0, 200, 20, step=5)
 
-result = show_user_errors(inspect_prompt, handle, selection.prompt, selection.target or None, int(n_continue))
+result = show_user_errors(inspect_prompt, handle, selection.text, selection.target or None, int(n_continue))
 if result is not None:
     st.markdown(token_chips_html(result.tokens, result.token_ids), unsafe_allow_html=True)
     target = result.target
@@ -20,6 +22,14 @@ if result is not None:
     cols[1].metric("Target", visible(target["token"]))
     cols[2].metric("p(target)", f"{target['prob']:.3f}")
     cols[3].metric("Rank of target", target["rank"])
+    without = with_bos(handle, selection.prompt, "off")
+    if without != selection.text:
+        plain = show_user_errors(inspect_prompt, handle, without, target["token"], 0)
+        if plain is not None:
+            same = plain.top_predictions[0]["id"] == result.top_predictions[0]["id"]
+            st.caption(f"Without the document-start token {result.tokens[0]!r}: p({visible(target['token'])}) = "
+                       f"{plain.target['prob']:.3f} (rank {plain.target['rank']}); top prediction "
+                       f"{visible(plain.top_predictions[0]['token'])}" + (" — the same." if same else " — it changed."))
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Next-token distribution (top 20)")

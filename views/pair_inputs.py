@@ -1,54 +1,99 @@
 """Clean/corrupted pair inputs shared by the patching and circuit pages (same URL keys, so
-the pair follows the user from one page to the other)."""
+the pair follows the user from one page to the other), and how a pair's scale is shown."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import streamlit as st
 
+from backend.causal.pairs import MIN_SPAN, default_answer_wrong, propose_corruption
 from backend.errors import UserInputError
-from backend.analyses.inspect_prompt import inspect_prompt
 from backend.runtime.models import ModelHandle
-from backend.causal.patching import propose_corruption
-from views.common import Selection, show_user_errors, url_state, write_url
+from backend.settings import PAIR
+from views.common import Selection, setting_state, write_setting
+
+METRIC_NAMES = {"logit_diff": "logit(answer) − logit(wrong)", "logprob": "log p(answer)"}
 
 
-def _default_corruption(clean: str, handle: ModelHandle) -> str:
+@dataclass(frozen=True)
+class Pair:
+    clean: str  # as the model reads them (document-start token included)
+    corrupt: str
+    answer: str
+    wrong: str | None
+    metric: str
+
+
+def _proposed(selection: Selection, handle: ModelHandle) -> str:
     try:
-        return propose_corruption(clean, handle)
+        return propose_corruption(selection.prompt, handle)
     except UserInputError:
         return ""
 
 
-def _default_tokens(handle: ModelHandle, selection: Selection) -> tuple[str, str]:
-    """Answer: the target or the clean top prediction; wrong: the corrupted run's top
-    prediction when it differs, else the clean run's runner-up."""
-    clean_top = inspect_prompt(handle, selection.prompt, n_continue=0)
-    answer = selection.target or clean_top.top_predictions[0]["token"]
-    corrupt = st.session_state.get("url_corrupt") or _default_corruption(selection.prompt, handle)
-    if corrupt:
-        corrupt_top = show_user_errors(inspect_prompt, handle, corrupt, None, 0)
-        if corrupt_top and corrupt_top.top_predictions[0]["token"] != answer:
-            return answer, corrupt_top.top_predictions[0]["token"]
-    return answer, next(p["token"] for p in clean_top.top_predictions if p["token"] != answer)
+def _suggest_tokens(handle: ModelHandle, selection: Selection) -> None:
+    """Answer and wrong tokens from where the two runs differ (pairs.default_answer_wrong)."""
+    corrupt = st.session_state.get("url_corrupt", "")
+    try:
+        choice = default_answer_wrong(handle, selection.text, selection.with_prompt(corrupt), selection.target or None)
+    except UserInputError as exc:
+        st.session_state.pair_reason = str(exc)
+        return
+    st.session_state.url_answer, st.session_state.url_wrong = choice.answer, choice.wrong
+    st.session_state.pair_reason = choice.reason
 
 
-def pair_inputs(handle: ModelHandle, selection: Selection) -> tuple[str, str, str]:
-    """Draw the corrupted prompt, answer and wrong inputs; return (corrupt, answer, wrong)."""
-    url_state("corrupt", _default_corruption(selection.prompt, handle))
-    answer_default, wrong_default = _default_tokens(handle, selection)
-    url_state("answer", answer_default)
-    url_state("wrong", wrong_default)
+def pair_inputs(handle: ModelHandle, selection: Selection) -> Pair:
+    """Draw the corrupted prompt, answer, wrong and metric inputs; return the pair."""
+    if "url_corrupt" not in st.session_state and not st.query_params.get("corrupt"):
+        st.session_state.url_corrupt = _proposed(selection, handle)
+    setting_state(PAIR["corrupt"])
+    if "url_answer" not in st.session_state and not st.query_params.get("answer"):
+        _suggest_tokens(handle, selection)
+    for name in ("answer", "wrong", "metric"):
+        setting_state(PAIR[name])
 
     def propose() -> None:
-        st.session_state.url_corrupt = _default_corruption(selection.prompt, handle)
+        st.session_state.url_corrupt = _proposed(selection, handle)
+        _suggest_tokens(handle, selection)
 
     cols = st.columns([4, 1])
     cols[0].text_input("Corrupted prompt (same token length as the prompt in the sidebar)", key="url_corrupt")
-    cols[1].button("Propose", on_click=propose, help="Swap two names, or replace a country, city, name, pronoun or "
-                                                     "number by another of the same token length.")
-    cols = st.columns(2)
+    cols[1].button("Propose", on_click=propose, help="Swap two names, or replace a country, city, name, pronoun, "
+                                                     "number or adjective by another of the same token length; "
+                                                     "then suggest answer and wrong tokens.")
+    cols = st.columns([2, 2, 2, 1])
     cols[0].text_input("Answer token", key="url_answer")
-    cols[1].text_input("Wrong token", key="url_wrong")
-    for key in ("corrupt", "answer", "wrong"):
-        write_url(key, st.session_state[f"url_{key}"])
-    return st.session_state.url_corrupt, st.session_state.url_answer, st.session_state.url_wrong
+    cols[1].text_input("Wrong token", key="url_wrong", disabled=st.session_state.url_metric == "logprob")
+    cols[2].selectbox("Metric", PAIR["metric"].choices, format_func=METRIC_NAMES.get, key="url_metric")
+    cols[3].button("Suggest tokens", on_click=_suggest_tokens, args=(handle, selection),
+                   help="The clean run's top token against the corrupted run's; when both runs predict the same "
+                        "token, the tokens the corruption lowers and raises most.")
+    if st.session_state.get("pair_reason"):
+        st.caption(st.session_state.pair_reason)
+    for name in ("corrupt", "answer", "wrong", "metric"):
+        write_setting(PAIR[name])
+    wrong = st.session_state.url_wrong if st.session_state.url_metric == "logit_diff" else None
+    return Pair(selection.text, selection.with_prompt(st.session_state.url_corrupt), st.session_state.url_answer,
+                wrong, st.session_state.url_metric)
+
+
+def show_scale(metric: dict) -> None:
+    """The metric on both runs and the denominator every normalized number divides by; a
+    warning when normalizing is refused (pairs.make_scale)."""
+    name = "log p" if metric.get("kind") == "logprob" else "LD"
+    cols = st.columns(3)
+    cols[0].metric(f"{name} clean", f"{metric['clean']:.3f}")
+    cols[1].metric(f"{name} corrupted", f"{metric['corrupt']:.3f}")
+    cols[2].metric("Denominator (clean − corrupted)", f"{metric['denominator']:+.3f}",
+                   "normalized" if metric["normalized"] else f"below {MIN_SPAN:g}: raw values", delta_color="off")
+    if not metric["normalized"]:
+        st.warning(metric["warning"])
+
+
+def scale_caption(metric: dict) -> str:
+    if metric["normalized"]:
+        return (f"normalized: 0 = corrupted, 1 = clean (÷ {metric['denominator']:+.3f})")
+    return "raw change from the corrupted run, in nats (not normalized: see the warning above)"
+

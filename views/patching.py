@@ -1,14 +1,36 @@
-"""Patching page: exact activation patching, AtP and RelP side by side, with agreement."""
+"""Patching page: AtP and RelP at once, then exact activation patching filling in batch by
+batch, side by side with their agreement. Every piece is cached by the backend, so a click
+or a rerun redraws without recomputing."""
 
 import numpy as np
 import streamlit as st
 
-from backend.causal.patching import METHODS, SITES, PatchResult, patch_one, patching
+from backend.causal.patching import (
+    METHODS,
+    SITES,
+    PatchResult,
+    approximate,
+    exact_grid,
+    patch_one,
+    patching,
+    prepare_pair,
+)
+from backend.runtime.prompts import token_texts
+from backend.settings import PATCHING
 from components.heatmap import clickable_grid, selected_cell
-from views.common import (chart, current, follow_click, opened, run_with_progress, show_user_errors, url_state,
-                          write_url)
+from views.common import (
+    chart,
+    current,
+    follow_click,
+    opened,
+    run_with_progress,
+    setting_state,
+    show_user_errors,
+    url_state,
+    write_setting,
+)
 from views.intervene_panel import intervene_panel
-from views.pair_inputs import pair_inputs
+from views.pair_inputs import pair_inputs, scale_caption, show_scale
 from views.save_panel import save_panel
 
 NAMES = {"exact": "Exact patching", "atp": "AtP", "relp": "RelP"}
@@ -16,40 +38,104 @@ SITE_NAMES = {"resid_pre": "Residual stream (block input)", "attn_out": "Attenti
               "heads": "Attention heads (all positions)"}
 
 st.title("Patching")
-st.caption("Corrupted run with one site restored from the clean run; metric = logit difference, 0 = corrupted, 1 = clean.")
+st.caption("Corrupted run with one site restored from the clean run. AtP and RelP appear at once; the exact grid fills "
+           "in as its batches finish.")
 selection, handle = current()
-clean = selection.prompt
-corrupt, answer, wrong = pair_inputs(handle, selection)
-url_state("methods", list(METHODS), lambda text: [m for m in text.split(",") if m in METHODS])
-url_state("frozen", False, lambda text: text == "1")
-
+pair = pair_inputs(handle, selection)
+setting_state(PATCHING["methods"])
+setting_state(PATCHING["freeze_attention"])
 cols = st.columns([3, 1])
 cols[0].multiselect("Methods", list(METHODS), format_func=NAMES.get, key="url_methods",
                     help="Exact patching runs one forward per site (about a minute on 2 CPU cores for SmolLM2); "
                          "AtP and RelP need one forward and one backward.")
 cols[1].toggle("RelP: freeze attention", key="url_frozen")
-write_url("methods", st.session_state.url_methods, ",".join)
-write_url("frozen", "1" if st.session_state.url_frozen else "")
-
+for name in ("methods", "freeze_attention"):
+    write_setting(PATCHING[name])
 methods = tuple(m for m in METHODS if m in st.session_state.url_methods)
 if not methods:
     st.info("Choose at least one method.")
     st.stop()
+frozen = st.session_state.url_frozen
+n_layers = handle.adapter.n_layers
+rows = [f"L{l}" for l in range(n_layers)]
+
+
+def columns_of(site: str, tokens: list[str]) -> list[str]:
+    return [f"H{h}" for h in range(handle.adapter.n_heads)] if site == "heads" else tokens
+
+
+def draw(grid, site: str, method: str, tokens: list[str], where, bound: float, key: str):
+    figure = clickable_grid(grid, columns_of(site, tokens), rows, title=NAMES[method], diverging=True, bound=bound,
+                            row_px=14)
+    return chart(figure, key, where=where, export=f"{NAMES[method]}, {SITE_NAMES[site]}: {selection.prompt}",
+                 on_select="rerun", selection_mode="points")
+
+
+def early_results(prepared) -> bool:
+    """AtP and RelP at once, then the exact grids filling in batch by batch (cached pieces
+    return at once). False when cancelled or refused."""
+    tokens = token_texts(handle, prepared.clean_ids)
+    show_scale({"kind": pair.metric, **prepared.scale.to_dict()})
+    approximations = {}
+    for method in ("atp", "relp"):
+        if method in methods:
+            found = show_user_errors(approximate, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, method,
+                                     metric=pair.metric, freeze_attention=frozen)
+            if found is not None:
+                approximations[method] = found[0]
+    placeholders = {}
+    for site in SITES:
+        cols = st.columns(len(approximations) + 1)
+        bound = max([float(np.abs(g[site]).max()) for g in approximations.values()] + [1e-9])
+        for column, (method, grids) in zip(cols[1:], approximations.items()):
+            column.plotly_chart(clickable_grid(grids[site], columns_of(site, tokens), rows, title=f"{NAMES[method]}: "
+                                               f"{SITE_NAMES[site]}", diverging=True, bound=bound, row_px=10),
+                                key=f"early_{site}_{method}")
+        placeholders[site] = cols[0].empty()
+    if "exact" not in methods:
+        return True
+
+    def partial(site: str, grid: np.ndarray) -> None:
+        done = np.isfinite(grid)
+        bound = float(np.abs(grid[done]).max()) if done.any() else 1.0
+        figure = clickable_grid(np.where(done, grid, 0.0), columns_of(site, tokens), rows, diverging=True,
+                                bound=bound or 1.0, row_px=10,
+                                title=f"Exact: {SITE_NAMES[site]} ({int(done.sum())}/{grid.size})")
+        placeholders[site].plotly_chart(figure, key=f"stream_{site}_{int(done.sum())}")
+
+    def stream(progress) -> bool:
+        for k, site in enumerate(SITES):
+            exact_grid(handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, site, metric=pair.metric,
+                       progress=lambda f, m, k=k: progress((k + f) / len(SITES), m), on_partial=partial)
+        return True
+
+    return run_with_progress(stream, label="Exact patching", key="patching") is not None
+
+
 saved = opened("patching")
 if saved is not None:
     result = PatchResult.from_json(saved.result)
 else:
-    result = run_with_progress(patching, handle, clean, corrupt, answer, wrong, methods=methods,
-                               freeze_attention=st.session_state.url_frozen, label="Patching", key="patching")
+    prepared = show_user_errors(prepare_pair, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, pair.metric)
+    if prepared is None:
+        st.stop()
+    early = st.empty()
+    with early.container():
+        complete = early_results(prepared)
+    if not complete:
+        st.stop()
+    early.empty()
+    result = show_user_errors(patching, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, methods=methods,
+                              metric=pair.metric, freeze_attention=frozen)
 if result is None:
     st.stop()
 
-timing = st.columns(len(result.seconds) + 2)
-timing[0].metric("LD clean", f"{result.metric['clean']:.3f}")
-timing[1].metric("LD corrupted", f"{result.metric['corrupt']:.3f}")
-for column, (method, seconds) in zip(timing[2:], result.seconds.items()):
+show_scale(result.metric)
+timing = st.columns(len(result.seconds))
+for column, (method, seconds) in zip(timing, result.seconds.items()):
     speedup = result.seconds.get("exact", 0) / seconds if method != "exact" and "exact" in result.seconds else None
     column.metric(f"{NAMES[method]} time", f"{seconds:.2f} s", f"{speedup:.0f}x faster than exact" if speedup else None)
+st.caption(f"Values: {scale_caption(result.metric)}.")
 
 clicked_text = url_state("pcell", "")
 for site in SITES:
@@ -60,26 +146,27 @@ for site in SITES:
     agreement = ", ".join(f"r({NAMES[m]}) = {v:.3f}" for m, v in r.items() if v is not None)
     st.subheader(f"{SITE_NAMES[site]}" + (f" — {agreement}" if agreement else ""))
     bound = max(float(np.abs(np.asarray(g)).max()) for g in grids.values()) or 1.0
-    columns = [f"H{h}" for h in range(handle.adapter.n_heads)] if site == "heads" else result.tokens
-    rows = [f"L{l}" for l in range(handle.adapter.n_layers)]
     figure_columns = st.columns(len(grids))
     for column, (method, grid) in zip(figure_columns, grids.items()):
-        figure = clickable_grid(grid, columns, rows, title=NAMES[method], diverging=True, bound=bound, row_px=14)
-        event = chart(figure, f"patch_{site}_{method}", where=column, export=f"{NAMES[method]}, {SITE_NAMES[site]}: {clean}",
-                      on_select="rerun", selection_mode="points")
+        event = draw(grid, site, method, result.tokens, column, bound, f"patch_{site}_{method}")
         cell = selected_cell(event)
         follow_click(cell and f"{site}:{cell[0]},{cell[1]}", "pcell")
     if clicked_text.startswith(f"{site}:"):
         layer, index = (int(v) for v in clicked_text.split(":")[1].split(","))
-        single = show_user_errors(patch_one, handle, clean, corrupt, answer,
-                                  wrong, site, layer, index)
+        single = show_user_errors(patch_one, handle, result.clean, result.corrupt, result.answer, result.wrong, site,
+                                  layer, index, result.metric.get("kind", "logit_diff"))
         if single is not None:
             where = f"head {index}" if site == "heads" else f"position {index} ({result.tokens[index]!r})"
-            st.success(f"Patched {site} at layer {layer}, {where}: LD {single['ld']:.3f} "
-                       f"→ normalized {single['normalized']:.3f}")
+            st.success(f"Patched {site} at layer {layer}, {where}: metric {single['value']:.3f} "
+                       f"→ {single['scaled']:.3f} ({'normalized' if single['normalized'] else 'raw change'})")
             if site == "heads":
-                intervene_panel(handle, clean, answer,
-                                [{"kind": "head", "layer": layer, "index": index, "positions": None}], "patch_intervene",
-                                extra={"corrupt_prompt": corrupt, "wrong": wrong})
+                intervene_panel(
+                    handle,
+                    result.clean,
+                    result.answer,
+                    [{"kind": "head", "layer": layer, "index": index, "positions": None}],
+                    "patch_intervene",
+                    extra={"corrupt_prompt": result.corrupt, "wrong": result.wrong},
+                )
 
-save_panel("patching", f"Patching: {clean[:80]}", result.to_json)
+save_panel("patching", f"Patching: {selection.prompt[:80]}", result.to_json)

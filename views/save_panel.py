@@ -33,8 +33,12 @@ def save_panel(kind: str, default_title: str, result_json: Callable[[], str], su
         return
     labels = node_labels()
     with st.expander("Save analysis, label nodes", expanded=False):
-        text = st.text_area("Node labels, one per line: node = label", "\n".join(f"{k} = {v}" for k, v in labels.items()),
-                            key=f"labels_editor_{kind}", placeholder="a23.h3 = name mover")
+        text = st.text_area(
+            "Node labels, one per line: node = label",
+            "\n".join(f"{k} = {v}" for k, v in labels.items()),
+            key=f"labels_editor_{kind}",
+            placeholder="a23.h3 = name mover",
+        )
         if _parse_label_lines(text) != labels:
             set_url_state("labels", _parse_label_lines(text), json.dumps)
             st.rerun()

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from backend.runtime.arch import parameter
-from backend.runtime.cache import results_cache
-from backend.errors import UserInputError
 from backend.analyses.lens import LensResult, logit_lens, row_labels
-from backend.runtime.models import ModelHandle
 from backend.analyses.neurons import cached_trace
+from backend.errors import UserInputError
+from backend.runtime.cache import cached
+from backend.runtime.models import ModelHandle
+from backend.runtime.norms import norm_scale, read_direction
 from backend.runtime.prompts import encode_prompt
 from backend.runtime.results import JsonResult
 
@@ -92,19 +92,10 @@ def heatmap(
 def target_readout(handle: ModelHandle, prompt: str, target_id: int) -> np.ndarray:
     """Per position, the vector v with (direct effect of a write x on target) = v · x: [P, d]."""
     trace = cached_trace(handle, prompt)
-    adapter = handle.adapter
-    unembed = adapter.unembed_weight()
-    direction = unembed[target_id] - unembed.mean(0)
-    norm = adapter.final_norm
-    weight = parameter(norm, "weight")
-    if weight is not None:
-        direction = direction * (1.0 + weight if type(norm).__name__.startswith("Gemma") else weight)
-    final = torch.as_tensor(trace.resid[-1], device=direction.device)
-    if isinstance(norm, torch.nn.LayerNorm):
-        final = final - final.mean(-1, keepdim=True)  # centring: only the centred part is read
-        direction = direction - direction.mean()
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + eps)  # [P, 1]
+    unembed = handle.adapter.unembed_weight()
+    norm = handle.adapter.final_norm
+    direction = read_direction(norm, unembed[target_id] - unembed.mean(0))
+    scale = norm_scale(norm, torch.as_tensor(trace.resid[-1], device=direction.device))  # [P, 1]
     return (scale * direction).cpu().numpy()
 
 
@@ -112,8 +103,8 @@ def cell_detail(
     handle: ModelHandle, prompt: str, row: int, position: int, target: str | None = None, top: int = 10
 ) -> CellDetail:
     """Drill-down for heatmap row ``row`` (0 = embeddings, i + 1 = block i) at ``position``."""
-    key = ("cell", handle.name, id(handle.model), prompt, row, position, target, top)
-    return results_cache.get_or_compute(key, lambda: _cell_detail(handle, prompt, row, position, target, top))
+    return cached(handle, "cell", (prompt, row, position, target, top),
+                  lambda: _cell_detail(handle, prompt, row, position, target, top))
 
 
 def _cell_detail(handle: ModelHandle, prompt: str, row: int, position: int, target: str | None, top: int) -> CellDetail:
@@ -123,7 +114,8 @@ def _cell_detail(handle: ModelHandle, prompt: str, row: int, position: int, targ
         raise UserInputError(f"No cell at row {row}, position {position}.")
     lens: LensResult = logit_lens(handle, prompt, target)
     lens_top = [
-        {"token": t, "prob": float(p)} for t, p in zip(lens.top10_tokens[row][position], lens.top10_probs[row, position])
+        {"token": t, "prob": float(p)}
+        for t, p in zip(lens.top10_tokens[row][position], lens.top10_probs[row, position])
     ]
     layer = row - 1
     if layer < 0:
@@ -140,8 +132,12 @@ def _cell_detail(handle: ModelHandle, prompt: str, row: int, position: int, targ
         layer=layer,
         position=position,
         lens_top=lens_top,
-        neurons_by_activation=[{"neuron": int(i), "activation": float(acts[i]), "effect": float(effects[i])} for i in by_activation],
-        neurons_by_effect=[{"neuron": int(i), "activation": float(acts[i]), "effect": float(effects[i])} for i in by_effect],
+        neurons_by_activation=[
+            {"neuron": int(i), "activation": float(acts[i]), "effect": float(effects[i])} for i in by_activation
+        ],
+        neurons_by_effect=[
+            {"neuron": int(i), "activation": float(acts[i]), "effect": float(effects[i])} for i in by_effect
+        ],
         heads_by_effect=[{"head": int(h), "effect": float(head_effects[h])} for h in np.argsort(-np.abs(head_effects))],
     )
 

@@ -7,17 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from backend.runtime.cache import results_cache
+from backend.runtime.cache import cached
 from backend.runtime.models import ModelHandle
 from backend.runtime.prompts import encode_prompt, resolve_token, token_text, token_texts
 from backend.runtime.results import JsonResult
-
-
-@dataclass
-class TokenProb(JsonResult):
-    token: str
-    id: int
-    prob: float
 
 
 @dataclass
@@ -69,8 +62,7 @@ def greedy_continuation(handle: ModelHandle, ids: list[int], n_tokens: int) -> l
 @torch.no_grad()
 def _inspect(handle: ModelHandle, prompt: str, target: str | None, n_continue: int, top: int) -> PromptInspection:
     ids = encode_prompt(handle, prompt)
-    with handle.lock:
-        logits = handle.model(torch.tensor([ids], device=handle.device), use_cache=False).logits[0, -1]
+    logits = handle.logits(handle.ids(ids))[0, -1]
     probs = logits.float().softmax(-1)
     target_id = choose_target(handle, probs, target)
     continuation = greedy_continuation(handle, ids, n_continue)
@@ -90,5 +82,6 @@ def inspect_prompt(
     handle: ModelHandle, prompt: str, target: str | None = None, n_continue: int = 10, top: int = 20
 ) -> PromptInspection:
     """Inspect ``prompt`` (cached by model, prompt and settings)."""
-    key = ("inspect", handle.name, id(handle.model), prompt, target, n_continue, top)
-    return results_cache.get_or_compute(key, lambda: _inspect(handle, prompt, target, n_continue, top))
+    return cached(
+        handle, "inspect", (prompt, target, n_continue, top), lambda: _inspect(handle, prompt, target, n_continue, top)
+    )

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from backend.runtime.cache import results_cache
 from backend.analyses.inspect_prompt import choose_target, top_k
+from backend.runtime.cache import cached
 from backend.runtime.models import ModelHandle
 from backend.runtime.prompts import resolve_token, token_text
 from backend.runtime.results import JsonResult
@@ -93,7 +93,5 @@ def _token_names(handle: ModelHandle, ids: torch.Tensor) -> list[list[list[str]]
 
 def logit_lens(handle: ModelHandle, prompt: str, target: str | None = None, second: str | None = None) -> LensResult:
     """Logit lens of ``prompt`` for ``target`` (default: the top prediction); cached."""
-    key = ("lens", handle.name, id(handle.model), prompt, target, second)
-    return results_cache.get_or_compute(
-        key, lambda: lens_from_trace(handle, run_trace(handle, prompt), prompt, target, second)
-    )
+    return cached(handle, "lens", (prompt, target, second),
+                  lambda: lens_from_trace(handle, run_trace(handle, prompt), prompt, target, second))

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from backend.runtime.arch import parameter
-from backend.runtime.cache import results_cache
 from backend.errors import UserInputError
+from backend.runtime.cache import cached
 from backend.runtime.models import ModelHandle
+from backend.runtime.norms import write_direction
 from backend.runtime.prompts import token_text
 from backend.runtime.results import JsonResult
 from backend.runtime.trace import Trace, run_trace
@@ -30,18 +30,16 @@ class NeuronView(JsonResult):
 
 def cached_trace(handle: ModelHandle, prompt: str) -> Trace:
     """Full trace (patterns, heads, neurons) of ``prompt``, cached."""
-    key = ("trace", handle.name, id(handle.model), prompt)
-    return results_cache.get_or_compute(key, lambda: run_trace(handle, prompt, patterns=True, heads=True, neurons=True))
+    return cached(
+        handle, "trace", (prompt,), lambda: run_trace(handle, prompt, patterns=True, heads=True, neurons=True)
+    )
 
 
 @torch.no_grad()
 def direction_logit_scores(handle: ModelHandle, direction: torch.Tensor) -> torch.Tensor:
-    """Direct effect of a unit write along ``direction`` on every logit: W_U (w_norm ⊙ d)."""
-    norm = handle.adapter.final_norm
-    weight = parameter(norm, "weight")
-    if weight is not None:
-        direction = direction * (1.0 + weight if type(norm).__name__.startswith("Gemma") else weight)
-    return handle.adapter.unembed_weight() @ direction
+    """Direct effect of a unit write along ``direction`` on every logit, up to the final
+    norm's positive per-position scale: W_U (w_norm ⊙ centre(d))."""
+    return handle.adapter.unembed_weight() @ write_direction(handle.adapter.final_norm, direction)
 
 
 def top_tokens(handle: ModelHandle, scores: torch.Tensor, k: int, largest: bool) -> list[dict]:

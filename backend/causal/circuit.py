@@ -1,218 +1,43 @@
 """Component-level attribution graph (EAP, EAP-IG) and circuits with measured faithfulness.
 
-Nodes: senders are the input embeddings, every attention head and every MLP block;
-receivers are every head, every MLP and the logits. A receiver's input is the sum of the
-outputs of the senders upstream of it (constant biases are folded into the heads' outputs,
-and a post-attention norm, as in Gemma, is split over the heads at its own scale), so an
-edge s -> r is one term of that sum.
+Edges are those of the component forward (components.py): sender output -> receiver input,
+over the input embeddings, every head, every MLP and the logits. Metric m: see pairs.py
+(default the logit difference answer - wrong at the last position), normalized (0 on the
+corrupted run, 1 on the clean run) when the corruption moves it by at least MIN_SPAN.
 
-The *component forward* replays the model with every receiver's input rebuilt from sender
-outputs: each head of a layer runs on its own copy of the residual stream (attention runs
-once per head, batched), so every edge can be kept (this run's sender output) or patched
-(the corrupted run's sender output) on its own. With every edge kept it is the model's
-own forward.
-
-Metric m: logit difference answer - wrong at the last position, normalized (0 on the
-corrupted run, 1 on the clean run).
 - EAP (Syed et al. 2023): score(s->r) = (out_s(corrupt) - out_s(clean)) · dm/d in_r at the
   clean run, the first-order change in m when that edge alone is corrupted.
-- EAP-IG (Hanna et al. 2024): the same with dm/d in_r averaged over ``steps`` runs whose
-  input embeddings go from corrupted to clean (alpha = k/steps, k = 1..steps; steps=1 is EAP).
-- Circuit: the N edges with the largest |score|. Faithfulness: m of the clean run with
+- EAP-IG (Hanna et al. 2024), the default: the same with dm/d in_r averaged over ``steps``
+  runs whose input embeddings go from corrupted to clean, alpha = k/steps for k = 0..steps-1,
+  as the authors' code (``get_scores_eap_ig``) does; EAP's single gradient at the clean run
+  gets the sign of some edges wrong that are not into the logits.
+- Circuit: the N edges with the largest |score|, then (by default) pruned as the EAP-IG
+  code's ``apply_topn(prune=True)``: components without an incoming or an outgoing edge in
+  the circuit are removed with their edges, repeatedly. Faithfulness: m of the clean run with
   every edge outside the circuit patched to its corrupted value (measured: one forward).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from backend.runtime.arch import parameter
-from backend.runtime.cache import BoundedCache
+from backend.causal.components import ComponentRun, Layout, component_forward, layout
+from backend.causal.pairs import Metric, Scale, check_pair, faithfulness_note, make_metric, make_scale
 from backend.errors import UserInputError
-from backend.runtime.hooks import Hook, first_tensor, hooked
-from backend.runtime.linearize import _norm_parts
+from backend.runtime.cache import cache_named, cached
 from backend.runtime.models import ModelHandle, Progress
-from backend.causal.patching import _logit_difference, check_pair
-from backend.runtime.prompts import resolve_token, token_texts
+from backend.runtime.norms import apply_frozen, norm_scale
+from backend.runtime.prompts import token_texts
 from backend.runtime.results import JsonResult
 
-METHODS = ("eap", "eap-ig")
+METHODS = ("eap-ig", "eap")
 MAX_LISTED_EDGES = 50_000
-context_cache = BoundedCache(max_entries=4)  # scored pairs (each holds the corrupted outputs)
-
-
-# ---------------------------------------------------------------- graph layout
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Senders and receivers in forward order; receiver r reads senders[:upstream[r]]."""
-
-    senders: list[str]
-    receivers: list[str]
-    upstream: list[int]
-    n_heads: int
-
-    def allowed(self) -> np.ndarray:
-        """[S, R] True where the edge exists."""
-        return np.arange(len(self.senders))[:, None] < np.asarray(self.upstream)[None, :]
-
-    def head_receivers(self, layer: int) -> int:
-        return layer * (self.n_heads + 1)
-
-    def mlp_receiver(self, layer: int) -> int:
-        return layer * (self.n_heads + 1) + self.n_heads
-
-
-def layout(handle: ModelHandle) -> Layout:
-    adapter = handle.adapter
-    senders, receivers, upstream = ["input"], [], []
-    for layer in range(adapter.n_layers):
-        heads = [f"a{layer}.h{h}" for h in range(adapter.n_heads)]
-        head_reads = len(senders)
-        receivers += heads
-        upstream += [head_reads] * adapter.n_heads
-        senders += heads
-        receivers.append(f"m{layer}")
-        upstream.append(head_reads if adapter.parallel else len(senders))
-        senders.append(f"m{layer}")
-    receivers.append("logits")
-    upstream.append(len(senders))
-    return Layout(senders, receivers, upstream, adapter.n_heads)
-
-
-# ---------------------------------------------------------------- the component forward
-
-
-def _centre(x: torch.Tensor, centred: bool) -> torch.Tensor:
-    return x - x.mean(-1, keepdim=True) if centred else x
-
-
-@dataclass
-class ComponentRun:
-    outputs: torch.Tensor  # [S, P, d] sender outputs
-    inputs: list[torch.Tensor]  # receiver inputs in receiver order, grouped: heads [H,P,d], MLP [1,P,d], logits [1,P,d]
-    final_read: torch.Tensor  # [P, d] the final norm's input
-    ld: torch.Tensor  # scalar logit difference
-
-
-def component_forward(
-    handle: ModelHandle,
-    ids: torch.Tensor,
-    answer: int,
-    wrong: int,
-    *,
-    embed: torch.Tensor | None = None,
-    keep: torch.Tensor | None = None,
-    corrupt_outputs: torch.Tensor | None = None,
-) -> ComponentRun:
-    """One forward (batch 1) with every receiver's input rebuilt from sender outputs.
-
-    ``embed`` [1,P,d] replaces the input embeddings. ``keep`` [S,R,P] (1 = this run's
-    sender output, 0 = ``corrupt_outputs``) patches edges; None keeps every edge. Runs with
-    gradients when torch grad mode is on (the input is then a leaf).
-    """
-    adapter, lay = handle.adapter, layout(handle)
-    n_heads = adapter.n_heads
-    outputs: list[torch.Tensor] = []
-    totals: list[torch.Tensor] = []  # totals[n-1] = sum of outputs[:n]
-    inputs: list[torch.Tensor] = []
-    head_parts: dict[int, torch.Tensor] = {}
-
-    def add_senders(values: torch.Tensor) -> None:
-        for value in values:
-            outputs.append(value)
-            totals.append(value if not totals else totals[-1] + value)
-
-    def rebuild(first: int, count: int) -> torch.Tensor:
-        n = lay.upstream[first]
-        if keep is None:
-            return totals[n - 1].unsqueeze(0).repeat(count, 1, 1)
-        mask = keep[:n, first:first + count]
-        this = torch.stack(outputs[:n])
-        return torch.einsum("spd,scp->cpd", this, mask) + torch.einsum("spd,scp->cpd", corrupt_outputs[:n], 1 - mask)
-
-    def take_input(module, args):
-        value = args[0] if embed is None else embed.to(args[0].dtype)
-        if torch.is_grad_enabled():
-            value = value.detach().requires_grad_(True)
-        add_senders(value[0].unsqueeze(0))
-        return (value,) + tuple(args[1:])
-
-    def read_heads(layer: int):
-        def fn(module, args):
-            value = rebuild(lay.head_receivers(layer), n_heads)
-            inputs.append(value)
-            return (value,) + tuple(args[1:])
-
-        return fn
-
-    def split_heads(layer: int):
-        weight = adapter.o_proj_weight(layer).view(adapter.d_model, n_heads, adapter.head_dim)
-        bias = parameter(adapter.layers[layer].o_proj, "bias")
-
-        def fn(module, args):
-            z = args[0].view(n_heads, args[0].shape[1], n_heads, adapter.head_dim)
-            own = z[torch.arange(n_heads), :, torch.arange(n_heads)]  # copy h, head h: [H, P, hd]
-            parts = torch.einsum("hpk,dhk->hpd", own, weight)
-            head_parts[layer] = parts if bias is None else parts + bias / n_heads
-
-        return fn
-
-    def sum_heads(layer: int, is_output: bool):
-        def fn(module, args, output):
-            total = head_parts[layer].sum(0, keepdim=True)
-            if is_output:
-                add_senders(head_parts[layer])
-            return (total,) + tuple(output[1:]) if isinstance(output, tuple) else total
-
-        return fn
-
-    def post_norm_heads(layer: int):
-        def fn(module, args, output):
-            centred, weight, bias, eps = _norm_parts(module)
-            scale = torch.rsqrt(_centre(args[0], centred).pow(2).mean(-1, keepdim=True) + eps)
-            parts = _centre(head_parts[layer], centred) * scale
-            parts = parts * weight if weight is not None else parts
-            parts = parts + bias / n_heads if bias is not None else parts
-            add_senders(parts)
-            return parts.sum(0, keepdim=True)
-
-        return fn
-
-    def read_one(receiver: Callable[[], int]):
-        def fn(module, args):
-            value = rebuild(receiver(), 1)
-            inputs.append(value)
-            return (value,) + tuple(args[1:])
-
-        return fn
-
-    def mlp_output(module, args, output):
-        add_senders(first_tensor(output)[0].unsqueeze(0))
-
-    hooks = [Hook(adapter.layers[0].block, "pre", take_input)]
-    for layer, parts in enumerate(adapter.layers):
-        separate_post_norm = parts.attn_out is not parts.attn
-        hooks += [
-            Hook(parts.attn_norm, "pre", read_heads(layer)),
-            Hook(parts.o_proj, "pre", split_heads(layer)),
-            Hook(parts.attn, "forward", sum_heads(layer, not separate_post_norm)),
-            Hook(parts.mlp_norm, "pre", read_one(lambda layer=layer: lay.mlp_receiver(layer))),
-            Hook(parts.mlp_out, "forward", mlp_output),
-        ]
-        if separate_post_norm:
-            hooks.append(Hook(parts.attn_out, "forward", post_norm_heads(layer)))
-    hooks.append(Hook(adapter.final_norm, "pre", read_one(lambda: len(lay.receivers) - 1)))
-    with hooked(handle, hooks):
-        final = adapter.base(ids, use_cache=False).last_hidden_state
-    ld = _logit_difference(handle, final, answer, wrong)[0]
-    return ComponentRun(torch.stack(outputs), inputs, inputs[-1][0], ld)
+scored_cache = cache_named("scored_pairs", 4)  # each holds the corrupted outputs of a pair
+circuit_cache = cache_named("circuits", 8)
 
 
 # ---------------------------------------------------------------- scores
@@ -220,49 +45,39 @@ def component_forward(
 
 @dataclass
 class ScoredPair:
-    """Everything a circuit needs, computed once per (pair, method)."""
+    """Everything a circuit needs, computed once per (pair, method, metric)."""
 
     clean_ids: torch.Tensor
-    answer: int
-    wrong: int
-    ld_clean: float
-    ld_corrupt: float
-    scores: np.ndarray  # [S, R, P] normalized-metric units, 0 where no edge
+    metric: Metric
+    scale: Scale
+    scores: np.ndarray  # [S, R, P] in the scale's units, 0 where no edge
     corrupt_outputs: torch.Tensor
     direct_logit: dict[str, dict[str, float]]
     tokens: list[str]
     allowed: np.ndarray  # [S, R]
     seconds: float
 
-    def normalized(self, ld: float) -> float:
-        return (ld - self.ld_corrupt) / (self.ld_clean - self.ld_corrupt)
 
-
-def _receiver_gradients(run: ComponentRun, span: float) -> torch.Tensor:
-    grads = torch.autograd.grad(run.ld / span, run.inputs)
+def _receiver_gradients(run: ComponentRun, divisor: float) -> torch.Tensor:
+    grads = torch.autograd.grad(run.value / divisor, run.inputs)
     return torch.cat([g.detach() for g in grads])  # [R, P, d]
 
 
-def _direct_logit(handle: ModelHandle, clean: ComponentRun, answer: int, wrong: int) -> dict[str, dict[str, float]]:
-    """Each sender's direct effect on the answer and wrong logits at the last position, through
-    the final norm frozen at the clean run (before any soft-capping)."""
+def _direct_logit(handle: ModelHandle, clean: ComponentRun, metric: Metric) -> dict[str, dict[str, float]]:
+    """Each sender's direct effect on the answer (and wrong) logit at the last position,
+    through the final norm frozen at the clean run (before any soft-capping)."""
     module = handle.adapter.final_norm
-    centred, weight, bias, eps = _norm_parts(module)
-    read = clean.final_read[-1]
-    scale = torch.rsqrt(_centre(read, centred).pow(2).mean(-1, keepdim=True) + eps)
-    normed = _centre(clean.outputs[:, -1], centred) * scale
-    if weight is not None:
-        normed = normed * weight
-    unembed = handle.adapter.unembed_weight()[[answer, wrong]]
+    scale = norm_scale(module, clean.final_read[-1])
+    normed = apply_frozen(module, clean.outputs[:, -1], scale, bias_share=0.0)
+    tokens = [metric.answer] + ([metric.wrong] if metric.wrong is not None else [])
+    unembed = handle.adapter.unembed_weight()[tokens]
     effects = (normed.to(unembed.dtype) @ unembed.T).double().cpu().numpy()
     names = layout(handle).senders
-    return {name: {"answer": float(a), "wrong": float(w)} for name, (a, w) in zip(names, effects)}
+    return {name: dict(zip(("answer", "wrong"), map(float, row))) for name, row in zip(names, effects)}
 
 
-def score_pair(
-    handle: ModelHandle, clean: str, corrupt: str, answer: str, wrong: str, method: str = "eap", steps: int = 5,
-    progress: Progress | None = None,
-) -> ScoredPair:
+def score_pair(handle: ModelHandle, clean: str, corrupt: str, answer: str, wrong: str | None, method: str = "eap-ig",
+               steps: int = 5, metric: str = "logit_diff", progress: Progress | None = None) -> ScoredPair:
     """Edge scores for one clean/corrupted pair (cached)."""
     if method not in METHODS:
         raise UserInputError(f"Unknown method '{method}'; choose from {', '.join(METHODS)}.")
@@ -270,48 +85,39 @@ def score_pair(
     if not 1 <= steps <= 100:
         raise UserInputError("EAP-IG needs between 1 and 100 integration steps.")
     clean_ids, corrupt_ids = check_pair(handle, clean, corrupt)
-    answer_id, wrong_id = resolve_token(handle, answer), resolve_token(handle, wrong)
-    if answer_id == wrong_id:
-        raise UserInputError("The answer and wrong tokens are the same token.")
-    key = (handle.name, id(handle), clean, corrupt, answer_id, wrong_id, steps)
-    return context_cache.get_or_compute(
-        key, lambda: _score(handle, clean_ids, corrupt_ids, answer_id, wrong_id, steps, progress))
+    measured = make_metric(handle, answer, wrong, metric)
+    return cached(handle, "scored_pair", (clean, corrupt, measured, method, steps),
+                  lambda: _score(handle, clean_ids, corrupt_ids, measured, method, steps, progress), scored_cache)
 
 
-def _score(handle, clean_ids, corrupt_ids, answer, wrong, steps, progress) -> ScoredPair:
+def _score(handle, clean_ids, corrupt_ids, metric: Metric, method: str, steps: int, progress) -> ScoredPair:
     report = progress or (lambda fraction, message: None)
     start = time.perf_counter()
-    clean_t = torch.tensor([clean_ids], device=handle.device)
-    corrupt_t = torch.tensor([corrupt_ids], device=handle.device)
-    with handle.lock:
-        with torch.no_grad():
-            report(0.0, "clean and corrupted runs")
-            clean_run = component_forward(handle, clean_t, answer, wrong)
-            corrupt_run = component_forward(handle, corrupt_t, answer, wrong)
-        ld_clean, ld_corrupt = float(clean_run.ld), float(corrupt_run.ld)
-        span = ld_clean - ld_corrupt
-        if abs(span) < 1e-6:
-            raise UserInputError("The clean and corrupted runs give the same logit difference: nothing to localize.")
-        clean_embed, corrupt_embed = clean_run.outputs[0:1], corrupt_run.outputs[0:1]
-        grads = None
-        with torch.enable_grad():
-            for k in range(1, steps + 1):
-                report(0.1 + 0.9 * (k - 1) / steps, f"gradients: step {k}/{steps}")
-                embed = corrupt_embed + (k / steps) * (clean_embed - corrupt_embed)
-                run = component_forward(handle, clean_t, answer, wrong, embed=embed)
-                step_grads = _receiver_gradients(run, span)
-                grads = step_grads if grads is None else grads + step_grads
-    grads /= steps
+    clean_t, corrupt_t = handle.ids(clean_ids), handle.ids(corrupt_ids)
+    with torch.no_grad():  # each pass takes the model's lock itself, so other requests interleave
+        report(0.0, "clean and corrupted runs")
+        clean_run = component_forward(handle, clean_t, metric)
+        corrupt_run = component_forward(handle, corrupt_t, metric)
+    scale = make_scale(float(clean_run.value), float(corrupt_run.value), metric.label)
+    divisor = scale.span if scale.normalized else 1.0
+    clean_embed, corrupt_embed = clean_run.outputs[0:1], corrupt_run.outputs[0:1]
+    alphas = [1.0] if method == "eap" else [k / steps for k in range(steps)]
+    grads = None
+    with torch.enable_grad():
+        for k, alpha in enumerate(alphas):
+            report(0.1 + 0.9 * k / len(alphas), f"gradients: step {k + 1}/{len(alphas)}")
+            embed = corrupt_embed + alpha * (clean_embed - corrupt_embed)
+            step_grads = _receiver_gradients(component_forward(handle, clean_t, metric, embed=embed), divisor)
+            grads = step_grads if grads is None else grads + step_grads
+    grads /= len(alphas)
     diff = corrupt_run.outputs - clean_run.outputs
     scores = torch.einsum("spd,rpd->srp", diff.double(), grads.double()).cpu().numpy()
     allowed = layout(handle).allowed()
     scores *= allowed[:, :, None]
     report(1.0, "scored")
-    return ScoredPair(
-        clean_ids=clean_t, answer=answer, wrong=wrong, ld_clean=ld_clean, ld_corrupt=ld_corrupt,
-        scores=scores, corrupt_outputs=corrupt_run.outputs, direct_logit=_direct_logit(handle, clean_run, answer, wrong),
-        tokens=token_texts(handle, clean_ids), allowed=allowed, seconds=time.perf_counter() - start,
-    )
+    return ScoredPair(clean_ids=clean_t, metric=metric, scale=scale, scores=scores,
+                      corrupt_outputs=corrupt_run.outputs, direct_logit=_direct_logit(handle, clean_run, metric),
+                      tokens=token_texts(handle, clean_ids), allowed=allowed, seconds=time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- circuits and faithfulness
@@ -329,9 +135,35 @@ def ranked_edges(scored: ScoredPair, per_position: bool) -> np.ndarray:
     return rows[np.argsort(-np.abs(values), kind="stable")]
 
 
+def prune_dangling(names: Layout, edges: np.ndarray) -> np.ndarray:
+    """The edges left after removing, repeatedly, components without an incoming or an
+    outgoing edge (the input always counts as having inputs, the logits are always kept), as
+    the EAP-IG code's ``Graph.prune``. Rows (s, r) or (s, r, p); per position, a component
+    is present when any of its edges at any position is."""
+    if not len(edges):
+        return edges
+    own_receiver = names.receiver_of_sender()
+    n_senders, n_receivers = len(names.senders), len(names.receivers)
+    kept = np.ones(len(edges), dtype=bool)
+    while True:
+        present = np.zeros((n_senders, n_receivers), dtype=bool)
+        present[edges[kept, 0], edges[kept, 1]] = True
+        has_out = present.any(axis=1)
+        receives = present.any(axis=0)
+        has_in = np.where(own_receiver < 0, True, receives[np.maximum(own_receiver, 0)])
+        node = has_out & has_in
+        receiver_node = np.zeros(n_receivers, dtype=bool)
+        receiver_node[own_receiver[own_receiver >= 0]] = node[own_receiver >= 0]
+        receiver_node[-1] = True  # the logits
+        still = kept & node[edges[:, 0]] & receiver_node[edges[:, 1]]
+        if (still == kept).all():
+            return edges[kept]
+        kept = still
+
+
 @torch.no_grad()
-def faithfulness(handle: ModelHandle, scored: ScoredPair, edges: np.ndarray) -> float:
-    """Normalized metric with only ``edges`` (rows (s, r) or (s, r, p)) kept clean."""
+def circuit_metric(handle: ModelHandle, scored: ScoredPair, edges: np.ndarray) -> float:
+    """The raw metric with only ``edges`` (rows (s, r) or (s, r, p)) kept clean."""
     n_senders, n_receivers, n_pos = scored.scores.shape
     keep = torch.zeros(n_senders, n_receivers, n_pos, dtype=scored.corrupt_outputs.dtype)
     if len(edges):
@@ -340,11 +172,25 @@ def faithfulness(handle: ModelHandle, scored: ScoredPair, edges: np.ndarray) -> 
             keep[index[:, 0], index[:, 1], :] = 1.0
         else:
             keep[index[:, 0], index[:, 1], index[:, 2]] = 1.0
-    keep = keep.to(scored.corrupt_outputs.device)
-    with handle.lock:
-        run = component_forward(handle, scored.clean_ids, scored.answer, scored.wrong, keep=keep,
-                                corrupt_outputs=scored.corrupt_outputs)
-    return scored.normalized(float(run.ld))
+    run = component_forward(handle, scored.clean_ids, scored.metric, keep=keep.to(scored.corrupt_outputs.device),
+                            corrupt_outputs=scored.corrupt_outputs)
+    return float(run.value)
+
+
+def faithfulness(handle: ModelHandle, scored: ScoredPair, edges: np.ndarray) -> float:
+    """The circuit's metric in the pair's scale: normalized (0 corrupted, 1 clean), or the raw
+    change from the corrupted run when normalizing is refused (pairs.make_scale)."""
+    return float(scored.scale(circuit_metric(handle, scored, edges)))
+
+
+def top_edges(handle: ModelHandle, scored: ScoredPair, n: int, per_position: bool = False,
+              prune: bool = True) -> tuple[list[dict], list[dict]]:
+    """The nodes and the top-``n`` edges (pruned when asked) from the scores alone, before
+    any faithfulness is measured: what a page draws first."""
+    names = layout(handle)
+    ranked = ranked_edges(scored, per_position)
+    edges = prune_dangling(names, ranked[:n]) if prune else ranked[:n]
+    return node_dicts(names), edge_dicts(scored, names, edges, per_position)
 
 
 def edge_dicts(scored: ScoredPair, names: Layout, rows: np.ndarray, per_position: bool) -> list[dict]:
@@ -380,20 +226,21 @@ class CircuitResult(JsonResult):
     clean: str
     corrupt: str
     answer: str
-    wrong: str
+    wrong: str | None
     method: str
     tokens: list[str]
-    metric: dict  # {"clean": LD, "corrupt": LD}
+    metric: dict  # {kind, clean, corrupt, denominator, normalized, warning}
     nodes: list[dict]  # {name, kind (input|head|mlp|logits), layer, head}
     edges: list[dict]  # {source, target, score[, position]}, largest |score| first (at most MAX_LISTED_EDGES)
     n_edges: int  # every edge of the graph
-    circuit: list[dict]  # the top-N edges
-    faithfulness: float  # measured normalized metric of the circuit
-    curve: list[dict]  # [{n, faithfulness}]
-    random_faithfulness: list[float]  # random edge sets of the same size
+    circuit: list[dict]  # the top-N edges, after pruning dangling ones when asked
+    faithfulness: float  # measured metric of the circuit, in the metric's scale
+    curve: list[dict]  # [{n (top-N), kept (after pruning), faithfulness}]
+    random_faithfulness: list[float]  # random edge sets with as many edges as the circuit
     direct_logit: dict  # sender -> {answer, wrong}: direct effect on the logits (clean run, last position)
     seconds: dict
     settings: dict = field(default_factory=dict)
+    faithfulness_note: str | None = None  # overshoot or sign flip, in words
 
 
 def circuit(
@@ -401,23 +248,25 @@ def circuit(
     clean: str,
     corrupt: str,
     answer: str,
-    wrong: str,
+    wrong: str | None,
     *,
-    method: str = "eap",
+    method: str = "eap-ig",
     steps: int = 5,
+    metric: str = "logit_diff",
     top_n: int | None = None,
     target_faithfulness: float | None = None,
     top_fraction: float = 0.05,
     per_position: bool = False,
+    prune: bool = True,
     n_random: int = 5,
     curve_size: int = 16,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> CircuitResult:
     """Score edges, pick a circuit (``top_n`` edges; else the smallest N on the curve reaching
-    ``target_faithfulness``; else the top ``top_fraction``), and measure it."""
+    ``target_faithfulness``; else the top ``top_fraction``), prune it, and measure it."""
     report = progress or (lambda fraction, message: None)
-    scored = score_pair(handle, clean, corrupt, answer, wrong, method, steps,
+    scored = score_pair(handle, clean, corrupt, answer, wrong, method, steps, metric,
                         progress=lambda f, m: report(0.6 * f, m))
     names = layout(handle)
     ranked = ranked_edges(scored, per_position)
@@ -428,47 +277,54 @@ def circuit(
         raise UserInputError("The target faithfulness must be in (0, 1].")
     if not 0 < top_fraction <= 1:
         raise UserInputError("The circuit fraction must be in (0, 1].")
+
+    def chosen(n: int) -> np.ndarray:
+        return prune_dangling(names, ranked[:n]) if prune else ranked[:n]
+
     start = time.perf_counter()
-    sizes = curve_points(n_edges, curve_size)
     curve = []
-    for k, n in enumerate(sizes):
-        report(0.6 + 0.3 * k / len(sizes), f"faithfulness curve: {k + 1}/{len(sizes)} (N = {n})")
-        curve.append({"n": n, "faithfulness": faithfulness(handle, scored, ranked[:n])})
+    for k, n in enumerate(curve_points(n_edges, curve_size)):
+        report(0.6 + 0.3 * k / (curve_size + 1), f"faithfulness curve: {k + 1} (N = {n})")
+        edges = chosen(n)
+        curve.append({"n": n, "kept": len(edges), "faithfulness": faithfulness(handle, scored, edges)})
     if top_n is None:
-        reached = [p["n"] for p in curve if target_faithfulness is not None and p["faithfulness"] >= target_faithfulness]
+        reached = [
+            p["n"] for p in curve if target_faithfulness is not None and p["faithfulness"] >= target_faithfulness
+        ]
         top_n = reached[0] if reached else max(1, round(top_fraction * n_edges))
+    circuit_edges = chosen(top_n)
     measured = next((p["faithfulness"] for p in curve if p["n"] == top_n), None)
     if measured is None:
-        measured = faithfulness(handle, scored, ranked[:top_n])
-        curve = sorted(curve + [{"n": top_n, "faithfulness": measured}], key=lambda p: p["n"])
+        measured = faithfulness(handle, scored, circuit_edges)
+        curve = sorted(curve + [{"n": top_n, "kept": len(circuit_edges), "faithfulness": measured}],
+                       key=lambda p: p["n"])
     rng = np.random.default_rng(seed)
     random_values = []
     for k in range(n_random):
         report(0.9 + 0.1 * k / max(n_random, 1), f"random circuits: {k + 1}/{n_random}")
-        random_values.append(faithfulness(handle, scored, ranked[rng.choice(n_edges, top_n, replace=False)]))
+        random_values.append(
+            faithfulness(handle, scored, ranked[rng.choice(n_edges, len(circuit_edges), replace=False)])
+        )
     report(1.0, "done")
-    listed = ranked[:MAX_LISTED_EDGES]
     return CircuitResult(
         model=handle.name, clean=clean, corrupt=corrupt, answer=answer, wrong=wrong, method=method,
-        tokens=scored.tokens, metric={"clean": scored.ld_clean, "corrupt": scored.ld_corrupt},
-        nodes=node_dicts(names), edges=edge_dicts(scored, names, listed, per_position), n_edges=n_edges,
-        circuit=edge_dicts(scored, names, ranked[:top_n], per_position), faithfulness=measured, curve=curve,
-        random_faithfulness=random_values, direct_logit=scored.direct_logit,
+        tokens=scored.tokens, metric={"kind": metric, **scored.scale.to_dict()},
+        nodes=node_dicts(names), edges=edge_dicts(scored, names, ranked[:MAX_LISTED_EDGES], per_position),
+        n_edges=n_edges, circuit=edge_dicts(scored, names, circuit_edges, per_position), faithfulness=measured,
+        curve=curve, random_faithfulness=random_values, direct_logit=scored.direct_logit,
         seconds={"scores": scored.seconds, "faithfulness": time.perf_counter() - start},
         settings={"steps": 1 if method == "eap" else steps, "top_n": top_n, "target_faithfulness": target_faithfulness,
-                  "top_fraction": top_fraction, "per_position": per_position, "n_random": n_random, "seed": seed},
+                  "top_fraction": top_fraction, "per_position": per_position, "prune": prune, "n_random": n_random,
+                  "seed": seed, "metric": metric},
+        faithfulness_note=faithfulness_note(measured, scored.scale),
     )
 
 
-circuit_cache = BoundedCache(max_entries=8)
-
-
-def cached_circuit(handle: ModelHandle, clean: str, corrupt: str, answer: str, wrong: str, *,
+def cached_circuit(handle: ModelHandle, clean: str, corrupt: str, answer: str, wrong: str | None, *,
                    progress: Progress | None = None, **settings) -> CircuitResult:
-    """``circuit`` through a small result cache (pages rerun on every click)."""
-    key = (handle.name, id(handle), clean, corrupt, answer, wrong, tuple(sorted(settings.items())))
-    return circuit_cache.get_or_compute(
-        key, lambda: circuit(handle, clean, corrupt, answer, wrong, progress=progress, **settings))
+    """``circuit`` through the result cache (pages rerun on every click)."""
+    return cached(handle, "circuit", (clean, corrupt, answer, wrong, tuple(sorted(settings.items()))),
+                  lambda: circuit(handle, clean, corrupt, answer, wrong, progress=progress, **settings), circuit_cache)
 
 
 def edge_rows(handle: ModelHandle, edges: list[dict]) -> np.ndarray:
@@ -483,8 +339,8 @@ def edge_rows(handle: ModelHandle, edges: list[dict]) -> np.ndarray:
 
 def node_ablation(handle: ModelHandle, scored: ScoredPair, circuit_edges: list[dict], name: str) -> dict:
     """Measured effect of corrupt-ablating node ``name`` (its output replaced by the corrupted
-    run's on every edge out of it): the normalized metric of the whole model without it, and
-    of the circuit without the edges that touch it."""
+    run's on every edge out of it): the metric of the whole model without it, and of the
+    circuit without the edges that touch it."""
     names = layout(handle)
     if name not in names.senders and name not in names.receivers:
         raise UserInputError(f"No node '{name}' in this graph.")

@@ -1,38 +1,55 @@
-"""Influential neuron paths (NeuronPath, Wang et al. 2025) for decoder LMs.
+"""Influential neuron paths (NeuronPath, Wang et al. 2025) for decoder LMs, as the authors'
+code (``path/joint_attr.py``) computes them, moved from a ViT's CLS token to one position of
+the prompt (the last by default); F = p(target) at the last position.
 
-Neurons are the inputs of each MLP's down projection, at one position (the last by
-default); F = p(target) at the last position. Layer by layer (l = 0 .. L-1), the path found
-so far (k neurons per earlier layer) and *all* neurons of layer l are scaled by
-alpha_k = k/m (k = 1..m) in one batched forward/backward, and the k neurons j of layer l
-with the largest joint attribution
+Neurons are the inputs of each MLP's down projection. For layer l = 0 .. L-1, at the path
+position, the activations of every layer <= l are *replaced* by constants, in one batch of
+m rows (k = 0 .. m-1, alpha_k = k/m):
+- layers before l: their clean activations, with the path neurons scaled by alpha_k;
+- layer l: all its clean activations scaled by alpha_k;
+so no gradient passes through those layers' MLPs at that position (layers after l run
+normally). The neuron j of layer l maximizing
 
     S_l(j) = [Σ_k (g_lj(α_k) + Σ_{path n} g_n(α_k))] · (a_lj + Σ_{path n} a_n) / m
 
-join the path (g = ∂F/∂activation at the scaled point, a = the clean activation).
-The joint attribution score of a whole path (JAS) is the same quantity with only the
-path's neurons scaled. Baselines: the most activated neuron per layer, and greedy
-gradient × activation (∂F/∂a · a at the clean point). Evaluation as the paper: zero
-("remove") or double ("enhance") the path's neurons and report the change in p(target)
-and in the top-1 prediction, against the baselines and random paths.
+joins the path (g = ∂F/∂(replaced activation), a = the clean activation). The joint
+attribution score (JAS) of a path replaces every layer's activations (clean, path neurons
+scaled) and is the same sum over the path's neurons only.
+
+Baselines: the most activated neuron per layer (the authors' base path), and greedy
+gradient × activation: the joint score above at the clean point only (alpha = 1, no
+integration), so each layer's choice is conditioned on the earlier choices through the
+summed gradient and activation terms. Evaluation as the paper: zero ("remove") or double
+("enhance") each path's neurons in the live model and report the change in p(target) and the
+top-1 prediction, against the baselines and random paths (uniform per layer, the path's own
+neurons excluded). A baseline may beat the path; the result says which does best.
+
+Speed, exactly: only the path position and later ones change, and the positions before it
+are causally unaffected, so their keys and values come from one clean run (a KV cache) and
+every batched pass runs only the suffix. Tests compare with an unbatched loop over the full
+prompt that follows the authors' code literally.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from backend.runtime.cache import results_cache
-from backend.errors import UserInputError
-from backend.runtime.hooks import Hook, hooked
 from backend.analyses.inspect_prompt import choose_target
+from backend.errors import UserInputError
+from backend.runtime.cache import cached
+from backend.runtime.hooks import edit_site, hooked, read_site
 from backend.runtime.models import ModelHandle, Progress
 from backend.runtime.prompts import encode_prompt, token_text, token_texts
 from backend.runtime.results import JsonResult
 
 Path = list[tuple[int, int]]  # (layer, neuron)
+NAMED = ("path", "activation_baseline", "gradient_baseline")
 
 
 @dataclass
@@ -46,123 +63,144 @@ class PathResult(JsonResult):
     jas: float
     baselines: dict  # name -> list of {layer, neuron, activation, score}
     baseline_jas: dict
-    evaluation: dict  # remove/enhance -> {path, activation_baseline, gradient_baseline, random_mean, random_std}
+    evaluation: dict  # remove/enhance -> {path, activation_baseline, gradient_baseline, random_mean, random_std, best}
     top1_changes: dict  # remove/enhance -> name -> new top-1 token
     settings: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------- scaled runs
+# ---------------------------------------------------------------- passes over the suffix
 
 
-def _scaled_run(
-    handle: ModelHandle,
-    ids: list[int],
-    target_id: int,
-    position: int,
-    scales: dict[int, torch.Tensor],
-) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Batch of runs where layer l's neurons at ``position`` are multiplied by ``scales[l]``
-    ([B, d_mlp]); returns F = p(target) per row, ∂F/∂(scaled neurons), and each scaled
-    layer's activations in the last row (the clean ones: α_m = 1 there)."""
-    batch = next(iter(scales.values())).shape[0]
-    scaled: dict[int, torch.Tensor] = {}
-    clean: dict[int, torch.Tensor] = {}
+class SuffixRunner:
+    """Batched passes of the prompt from ``position`` on, the clean prefix's keys and values
+    cached (``cache_prefix=False``: the whole prompt in every pass, identical results);
+    p(target) read at the last position."""
 
-    def scale_hook(layer: int):
-        def fn(module, args):
-            h = args[0]
-            clean[layer] = h[-1, position].detach()  # the last row is unscaled when its scales are 1
-            factor = torch.ones_like(h)
-            factor[:, position] = scales[layer]
-            x = h * factor
-            scaled[layer] = x
-            return (x,) + tuple(args[1:])
+    def __init__(self, handle: ModelHandle, ids: list[int], position: int, target_id: int,
+                 cache_prefix: bool = True) -> None:
+        self.handle, self.ids, self.position, self.target_id = handle, ids, position, target_id
+        self.start = position if cache_prefix else 0  # the first position each pass runs
+        self.at = position - self.start  # the path position within a pass
+        self.prefix = None
+        acts: dict[int, torch.Tensor] = {}
+        adapter = handle.adapter
+        hooks = [read_site(adapter.site("neurons", l), lambda t, l=l: acts.__setitem__(l, t[0, position].detach()))
+                 for l in range(adapter.n_layers)]
+        with hooked(handle, hooks), torch.no_grad():
+            logits = handle.logits(handle.ids(ids))[0, -1].float()
+        if self.start > 0:
+            with handle.lock, torch.no_grad():
+                self.prefix = adapter.base(handle.ids(ids[:self.start]), use_cache=True).past_key_values
+        self.clean_probs = logits.softmax(-1)
+        self.clean_acts = torch.stack([acts[l] for l in range(adapter.n_layers)])  # [L, d_mlp]
 
-        return fn
+    def _final(self, batch: int) -> torch.Tensor:
+        """The final-normed residual stream at the last position for ``batch`` suffix rows
+        (call inside ``hooked``)."""
+        suffix = self.handle.ids(self.ids[self.start:], batch)
+        if self.prefix is None:
+            out = self.handle.adapter.base(suffix, use_cache=False)
+        else:
+            cache = copy.deepcopy(self.prefix)
+            cache.batch_repeat_interleave(batch)
+            out = self.handle.adapter.base(suffix, past_key_values=cache, use_cache=True)
+        return out.last_hidden_state[:, -1]
 
-    hooks = [Hook(handle.adapter.layers[l].down_proj, "pre", scale_hook(l)) for l in scales]
-    embed_leaf = Hook(handle.adapter.layers[0].block, "pre",
-                      lambda m, args: (args[0].detach().requires_grad_(True),) + tuple(args[1:]))
-    input_ids = torch.tensor([ids], device=handle.device).expand(batch, -1)
-    with hooked(handle, [embed_leaf] + hooks), torch.enable_grad():
-        probs = _last_logits(handle, input_ids).float().softmax(-1)[:, target_id]
-        layers = sorted(scaled)
-        grads = torch.autograd.grad(probs.sum(), [scaled[l] for l in layers])
-    return probs.detach(), {l: g[:, position].detach() for l, g in zip(layers, grads)}, clean
+    def probs_and_grads(self, leaves: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """p(target) per row when layer l's activations at the path position are replaced by
+        the constants ``leaves[l]`` ([B, d_mlp]), and ∂p/∂leaves (each row its own run)."""
+        adapter = self.handle.adapter
+        leaves = {l: v.detach().clone().requires_grad_(True) for l, v in leaves.items()}
 
+        def replace(layer: int, tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.clone()
+            tensor[:, self.at] = leaves[layer]
+            return tensor
 
-def _last_logits(handle: ModelHandle, input_ids: torch.Tensor) -> torch.Tensor:
-    """Last-position logits as a 2-D product ([B, d] @ [d, V]); the model's own head on a
-    [B, 1, d] input runs a batched matmul over B copies of the unembedding, 10x slower."""
-    final = handle.adapter.base(input_ids, use_cache=False).last_hidden_state[:, -1]
-    return handle.adapter.logits_from_residual_normed(final)
+        hooks = [edit_site(adapter.site("neurons", l), lambda t, l=l: replace(l, t)) for l in leaves]
+        batch = next(iter(leaves.values())).shape[0]
+        with hooked(self.handle, hooks), torch.enable_grad():
+            probs = adapter.logits_from_residual_normed(self._final(batch)).float().softmax(-1)[:, self.target_id]
+        layers = sorted(leaves)
+        grads = torch.autograd.grad(probs.sum(), [leaves[l] for l in layers])
+        return probs.detach(), dict(zip(layers, grads))
+
+    @torch.no_grad()
+    def intervened(self, paths: list[Path], factor: float) -> tuple[np.ndarray, list[int]]:
+        """p(target) and the top-1 id when each path's neurons are multiplied by ``factor`` in
+        the live model (one row per path)."""
+        adapter = self.handle.adapter
+        factors: dict[int, torch.Tensor] = {}
+        for row, path in enumerate(paths):
+            for layer, neuron in path:
+                factors.setdefault(layer, torch.ones(len(paths), adapter.d_mlp, device=self.handle.device))[
+                    row, neuron
+                ] = factor
+
+        def scale(layer: int, tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.clone()
+            tensor[:, self.at] = tensor[:, self.at] * factors[layer]
+            return tensor
+
+        hooks = [edit_site(adapter.site("neurons", l), lambda t, l=l: scale(l, t)) for l in factors]
+        with hooked(self.handle, hooks):
+            probs = adapter.logits_from_residual_normed(self._final(len(paths))).float().softmax(-1)
+        return probs[:, self.target_id].cpu().numpy(), probs.argmax(-1).tolist()
 
 
 def _alphas(steps: int, device) -> torch.Tensor:
-    return torch.arange(1, steps + 1, device=device, dtype=torch.float32) / steps
+    """alpha_k = k/m for k = 0 .. m-1, the authors' grid."""
+    return torch.arange(steps, device=device, dtype=torch.float32) / steps
 
 
-def _path_scales(handle: ModelHandle, path: Path, alphas: torch.Tensor) -> dict[int, torch.Tensor]:
-    d_mlp = handle.adapter.d_mlp
-    scales: dict[int, torch.Tensor] = {}
+def path_leaves(clean_acts: torch.Tensor, path: Path, layers: range, alphas: torch.Tensor) -> dict[int, torch.Tensor]:
+    """For each layer in ``layers``: its clean activations, with its path neurons scaled by alpha ([m, d_mlp])."""
+    leaves = {l: clean_acts[l].expand(len(alphas), -1).clone() for l in layers}
     for layer, neuron in path:
-        scale = scales.setdefault(layer, torch.ones(len(alphas), d_mlp, device=alphas.device))
-        scale[:, neuron] = alphas
-    return scales
+        if layer in leaves:
+            leaves[layer][:, neuron] = alphas * clean_acts[layer, neuron]
+    return leaves
 
 
-def layer_scores(
-    handle: ModelHandle, ids: list[int], target_id: int, position: int, path: Path, layer: int, steps: int
-) -> np.ndarray:
-    """S_layer(j) for every neuron j of ``layer`` given ``path`` (one batched pass)."""
-    alphas = _alphas(steps, handle.device)
-    scales = _path_scales(handle, path, alphas)
-    scales[layer] = alphas[:, None].expand(-1, handle.adapter.d_mlp).clone()
-    _, grads, clean = _scaled_run(handle, ids, target_id, position, scales)
+def layer_scores(runner: SuffixRunner, path: Path, layer: int, steps: int) -> np.ndarray:
+    """S_layer(j) for every neuron j of ``layer`` given the ``path`` so far (one batched pass)."""
+    alphas = _alphas(steps, runner.clean_acts.device)
+    leaves = path_leaves(runner.clean_acts, path, range(layer), alphas)
+    leaves[layer] = alphas[:, None] * runner.clean_acts[layer][None]
+    _, grads = runner.probs_and_grads(leaves)
+    acts = runner.clean_acts
     path_grad = sum((grads[l][:, n].sum() for l, n in path), torch.tensor(0.0))
-    path_act = sum((clean[l][n] for l, n in path), torch.tensor(0.0))
-    scores = (grads[layer].sum(0) + path_grad) * (clean[layer] + path_act) / steps
-    return scores.cpu().numpy()
+    path_act = sum((acts[l, n] for l, n in path), torch.tensor(0.0))
+    return ((grads[layer].sum(0) + path_grad) * (acts[layer] + path_act) / steps).cpu().numpy()
 
 
-def joint_attribution(handle: ModelHandle, ids: list[int], target_id: int, position: int, path: Path, steps: int) -> float:
-    """JAS of ``path``: only its neurons scaled by α_k; (1/m) Σ_k Σ_n g_n(α_k) · Σ_n a_n."""
-    alphas = _alphas(steps, handle.device)
-    _, grads, clean = _scaled_run(handle, ids, target_id, position, _path_scales(handle, path, alphas))
+def joint_attribution(runner: SuffixRunner, path: Path, steps: int) -> float:
+    """JAS of ``path``: every layer replaced (clean, the path scaled by alpha);
+    (1/m) Σ_k Σ_n g_n(α_k) · Σ_n a_n over the path's neurons n."""
+    alphas = _alphas(steps, runner.clean_acts.device)
+    _, grads = runner.probs_and_grads(path_leaves(runner.clean_acts, path, range(runner.clean_acts.shape[0]), alphas))
     total_grad = sum(float(grads[l][:, n].sum()) for l, n in path)
-    total_act = sum(float(clean[l][n]) for l, n in path)
+    total_act = sum(float(runner.clean_acts[l, n]) for l, n in path)
     return total_grad * total_act / steps
 
 
-# ---------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------- the search and the baselines
 
 
-@torch.no_grad()
-def _intervened_probs(
-    handle: ModelHandle, ids: list[int], target_id: int, position: int, paths: list[Path], factor: float
-) -> tuple[np.ndarray, list[int]]:
-    """p(target) and top-1 id when each path's neurons are multiplied by ``factor`` (one row each)."""
-    batch = len(paths)
-    factors = {}
-    for row, path in enumerate(paths):
-        for layer, neuron in path:
-            factors.setdefault(layer, torch.ones(batch, handle.adapter.d_mlp, device=handle.device))[row, neuron] = factor
-
-    def hook(layer: int):
-        def fn(module, args):
-            h = args[0].clone()
-            h[:, position] = h[:, position] * factors[layer]
-            return (h,) + tuple(args[1:])
-
-        return fn
-
-    hooks = [Hook(handle.adapter.layers[l].down_proj, "pre", hook(l)) for l in factors]
-    input_ids = torch.tensor([ids], device=handle.device).expand(batch, -1)
-    with hooked(handle, hooks):
-        logits = _last_logits(handle, input_ids).float()
-    probs = logits.softmax(-1)
-    return probs[:, target_id].cpu().numpy(), probs.argmax(-1).tolist()
+def _greedy(runner: SuffixRunner, n_layers: int, top_k: int, score_layer, progress: Progress,
+            on_layer: Callable[[Path, list[float]], None] | None = None) -> tuple[Path, list[float]]:
+    path: Path = []
+    scores: list[float] = []
+    for layer in range(n_layers):
+        layer_score = score_layer(path, layer)
+        chosen = np.argsort(-layer_score, kind="stable")[:top_k]
+        path += [(layer, int(j)) for j in chosen]
+        scores += [float(layer_score[j]) for j in chosen]
+        progress((layer + 1) / n_layers, f"Layer {layer + 1}/{n_layers}: neuron(s) {chosen.tolist()}")
+        if on_layer is not None:
+            on_layer(path, scores)
+    return path, scores
 
 
 def _rows(path: Path, activations: np.ndarray, scores: list[float]) -> list[dict]:
@@ -170,73 +208,69 @@ def _rows(path: Path, activations: np.ndarray, scores: list[float]) -> list[dict
             for (l, n), s in zip(path, scores)]
 
 
-# ---------------------------------------------------------------- the search
+def _random_paths(rng: np.random.Generator, n_layers: int, d_mlp: int, top_k: int, exclude: Path, n: int) -> list[Path]:
+    """``n`` paths of ``top_k`` distinct neurons per layer, drawn uniformly without ``exclude``."""
+    pools = [np.setdiff1d(np.arange(d_mlp), [j for l, j in exclude if l == layer]) for layer in range(n_layers)]
+    return [[(layer, int(j)) for layer in range(n_layers) for j in rng.choice(pools[layer], top_k, replace=False)]
+            for _ in range(n)]
 
 
-def _search(handle, ids, target_id, position, steps, top_k, progress) -> tuple[Path, list[float]]:
-    path: Path = []
-    scores: list[float] = []
-    n_layers = handle.adapter.n_layers
-    for layer in range(n_layers):
-        layer_score = layer_scores(handle, ids, target_id, position, path, layer, steps)
-        chosen = np.argsort(-layer_score, kind="stable")[:top_k]
-        path += [(layer, int(j)) for j in chosen]
-        scores += [float(layer_score[j]) for j in chosen]
-        progress(0.05 + 0.8 * (layer + 1) / n_layers, f"Layer {layer + 1}/{n_layers}: neuron(s) {chosen.tolist()}")
-    return path, scores
-
-
-def _baselines(handle, ids, target_id, position, top_k) -> tuple[dict[str, Path], np.ndarray, dict[str, list[float]]]:
-    n_layers = handle.adapter.n_layers
-    ones = torch.ones(1, handle.adapter.d_mlp, device=handle.device)
-    _, grads, clean = _scaled_run(handle, ids, target_id, position, {l: ones for l in range(n_layers)})
-    activations = torch.stack([clean[l] for l in range(n_layers)]).cpu().numpy()
-    gxa = torch.stack([grads[l][0] * clean[l] for l in range(n_layers)]).cpu().numpy()
-    by_activation = [(l, int(j)) for l in range(n_layers) for j in np.argsort(-activations[l], kind="stable")[:top_k]]
-    by_gradient = [(l, int(j)) for l in range(n_layers) for j in np.argsort(-gxa[l], kind="stable")[:top_k]]
-    scores = {"activation_baseline": [float(activations[l, n]) for l, n in by_activation],
-              "gradient_baseline": [float(gxa[l, n]) for l, n in by_gradient]}
-    return {"activation_baseline": by_activation, "gradient_baseline": by_gradient}, activations, scores
-
-
-def _compute(handle, prompt, target, position, steps, top_k, n_random, seed, progress) -> PathResult:
+def _compute(handle, prompt, target, position, steps, top_k, n_random, seed, progress, on_layer,
+             cache_prefix: bool = True) -> PathResult:
     started = time.perf_counter()
     ids = encode_prompt(handle, prompt)
     position = len(ids) - 1 if position is None else position
     if not 0 <= position < len(ids):
         raise UserInputError(f"Position {position} is outside the prompt (0..{len(ids) - 1}).")
-    if steps < 1 or not 1 <= top_k <= handle.adapter.d_mlp:
+    adapter = handle.adapter
+    if steps < 1 or not 1 <= top_k <= adapter.d_mlp:
         raise UserInputError("Steps must be >= 1 and top-k between 1 and the MLP width.")
-    with handle.lock, torch.no_grad():  # every later pass takes the lock itself, so other requests interleave
-        probs = handle.model(torch.tensor([ids], device=handle.device)).logits[0, -1].float().softmax(-1)
+    with torch.no_grad():
+        probs = handle.logits(handle.ids(ids))[0, -1].float().softmax(-1)
     target_id = choose_target(handle, probs, target)
-    progress(0.02, "Baselines")
-    baselines, activations, baseline_scores = _baselines(handle, ids, target_id, position, top_k)
-    path, scores = _search(handle, ids, target_id, position, steps, top_k, progress)
+    runner = SuffixRunner(handle, ids, position, target_id, cache_prefix)
+    n_layers = adapter.n_layers
+    acts = runner.clean_acts.cpu().numpy()
+
+    def integrated(path: Path, layer: int) -> np.ndarray:
+        return layer_scores(runner, path, layer, steps)
+
+    def at_clean_point(path: Path, layer: int) -> np.ndarray:
+        _, grads = runner.probs_and_grads(path_leaves(runner.clean_acts, path, range(layer + 1),
+                                                       torch.ones(1, device=runner.clean_acts.device)))
+        path_grad = sum(float(grads[l][0, n]) for l, n in path)
+        path_act = sum(float(acts[l, n]) for l, n in path)
+        return ((grads[layer][0] + path_grad) * (runner.clean_acts[layer] + path_act)).cpu().numpy()
+
+    path, scores = _greedy(runner, n_layers, top_k, integrated, lambda f, m: progress(0.02 + 0.78 * f, m), on_layer)
     search_s = time.perf_counter() - started
-    jas = joint_attribution(handle, ids, target_id, position, path, steps)
-    baseline_jas = {name: joint_attribution(handle, ids, target_id, position, p, steps) for name, p in baselines.items()}
+    progress(0.82, "Baselines")
+    by_activation = [(l, int(j)) for l in range(n_layers) for j in np.argsort(-acts[l], kind="stable")[:top_k]]
+    gradient, gradient_scores = _greedy(runner, n_layers, top_k, at_clean_point, lambda f, m: None)
+    baselines = {"activation_baseline": by_activation, "gradient_baseline": gradient}
+    baseline_scores = {"activation_baseline": [float(acts[l, n]) for l, n in by_activation],
+                       "gradient_baseline": gradient_scores}
+    jas = joint_attribution(runner, path, steps)
+    baseline_jas = {name: joint_attribution(runner, p, steps) for name, p in baselines.items()}
     progress(0.9, "Evaluation: remove and enhance")
-    rng = np.random.default_rng(seed)
-    d_mlp = handle.adapter.d_mlp
-    randoms = [[(l, int(j)) for l in range(handle.adapter.n_layers) for j in rng.choice(d_mlp, top_k, replace=False)]
-               for _ in range(n_random)]
+    randoms = _random_paths(np.random.default_rng(seed), n_layers, adapter.d_mlp, top_k, path, n_random)
     named = {"path": path, **baselines}
     base_p = float(probs[target_id])
     evaluation, top1 = {}, {}
-    for operation, factor in (("remove", 0.0), ("enhance", 2.0)):
-        p, tops = _intervened_probs(handle, ids, target_id, position, list(named.values()) + randoms, factor)
+    for operation, factor, better in (("remove", 0.0, min), ("enhance", 2.0, max)):
+        p, tops = runner.intervened(list(named.values()) + randoms, factor)
         change = p - base_p
         evaluation[operation] = {name: float(change[i]) for i, name in enumerate(named)}
         evaluation[operation]["random_mean"] = float(change[len(named):].mean()) if n_random else 0.0
         evaluation[operation]["random_std"] = float(change[len(named):].std()) if n_random else 0.0
+        evaluation[operation]["best"] = better(NAMED, key=lambda name: evaluation[operation][name])
         top1[operation] = {name: token_text(handle, tops[i]) for i, name in enumerate(named)}
     progress(1.0, "Path ready")
     return PathResult(
         model=handle.name, prompt=prompt, tokens=token_texts(handle, ids),
         target={"token": token_text(handle, target_id), "id": target_id, "prob": base_p}, position=position,
-        path=_rows(path, activations, scores), jas=jas,
-        baselines={name: _rows(p, activations, baseline_scores[name]) for name, p in baselines.items()},
+        path=_rows(path, acts, scores), jas=jas,
+        baselines={name: _rows(p, acts, baseline_scores[name]) for name, p in baselines.items()},
         baseline_jas=baseline_jas, evaluation=evaluation, top1_changes=top1,
         settings={"steps": steps, "top_k": top_k, "random_paths": n_random, "seed": seed},
         timings={"search_s": search_s, "total_s": time.perf_counter() - started},
@@ -246,13 +280,15 @@ def _compute(handle, prompt, target, position, steps, top_k, n_random, seed, pro
 def neuron_path(
     handle: ModelHandle, prompt: str, target: str | None = None, *, position: int | None = None, steps: int = 20,
     top_k: int = 1, n_random: int = 50, seed: int = 0, progress: Progress | None = None,
+    on_layer: Callable[[Path, list[float]], None] | None = None, cache_prefix: bool = True,
 ) -> PathResult:
-    """The influential neuron path of ``prompt`` for ``target`` (cached)."""
-    key = ("paths", handle.name, id(handle.model), prompt, target, position, steps, top_k, n_random, seed)
+    """The influential neuron path of ``prompt`` for ``target`` (cached). ``on_layer``
+    receives the path found so far after each layer (pages draw it as it grows);
+    ``cache_prefix=False`` runs the whole prompt in every pass (for comparison: same result)."""
     report = progress or (lambda fraction, message: None)
-    return results_cache.get_or_compute(
-        key, lambda: _compute(handle, prompt, target, position, steps, top_k, n_random, seed, report)
-    )
+    return cached(handle, "paths", (prompt, target, position, steps, top_k, n_random, seed, cache_prefix),
+                  lambda: _compute(handle, prompt, target, position, steps, top_k, n_random, seed, report, on_layer,
+                                   cache_prefix))
 
 
 def recurring_neurons(results: list[PathResult]) -> list[dict]:

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 
 from backend.errors import UserInputError
-from backend.graphs.attribution import AttributionGraph
-from backend.runtime.linearize import _apply_norm, linear_forward, record_frozen
+from backend.graphs.attribution import other_value, target_matrix, total_effects
+from backend.graphs.graph import AttributionGraph
+from backend.runtime.linearize import Leaves, linear_forward, record_frozen
 from backend.runtime.models import ModelHandle
+from backend.runtime.norms import apply_frozen
 from backend.runtime.results import JsonResult
 
 
@@ -57,10 +59,19 @@ def _source_values(graph: AttributionGraph, run, index: int) -> tuple[torch.Tens
     return embed, neurons
 
 
-def _target_value(graph: AttributionGraph, run, index: int, batch: int) -> torch.Tensor:
-    if graph.node_kind(index) == "neuron":
+def _target_value(handle: ModelHandle, graph: AttributionGraph, run, index: int, batch: int,
+                  direction: torch.Tensor | None) -> torch.Tensor:
+    kind = graph.node_kind(index)
+    if kind == "neuron":
         layer, pos, neuron = graph.features[index]
         return run.neurons[layer][batch, pos, neuron]
+    if kind == "other":
+        layer, pos = graph.node_position(index)
+        unselected = torch.ones(handle.adapter.d_mlp, device=direction.device)
+        for f_layer, f_pos, f_neuron in graph.features:
+            if (f_layer, f_pos) == (layer, pos):
+                unselected[f_neuron] = 0.0
+        return other_value(handle, run.neurons[layer][batch, pos], unselected, direction, layer)
     info = graph.logit_targets[index - graph.logit_slice.start]
     logits = run.logits[batch]
     value = logits[info["id"]] - (logits[info["wrong_id"]] if "wrong_id" in info else logits.mean())
@@ -75,19 +86,24 @@ def _head_writes(handle: ModelHandle, frozen, heads_in: torch.Tensor, layer: int
     writes = torch.einsum("hk,dhk->hd", z, w)
     post = adapter.layers[layer].attn_out
     if post is not adapter.layers[layer].attn:  # Gemma: a (frozen, bias-free) norm after o_proj
-        writes = _apply_norm(post, writes, frozen.norm_scale[id(post)][0, pos])
+        writes = apply_frozen(post, writes, frozen.norm_scale[id(post)][0, pos])
     return writes
 
 
 def edge_heads(handle: ModelHandle, graph: AttributionGraph, source: int, target: int) -> EdgeHeads:
     """Split the edge ``source -> target`` of ``graph`` (node indices) over attention heads."""
     kind = graph.node_kind(target)
-    if kind not in ("neuron", "logit"):
-        raise UserInputError(f"A {kind} node has no incoming edges.")
+    if not graph.adjacency[target].any():
+        raise UserInputError(f"{graph.node_label(target)} has no incoming edges.")
     adapter = handle.adapter
-    input_ids = torch.tensor([graph.token_ids], device=handle.device)
+    input_ids = handle.ids(graph.token_ids)
     with handle.lock:
         frozen = record_frozen(handle, input_ids)
+        direction = None
+        if kind == "other":
+            matrix = target_matrix(graph.logit_targets, handle.vocab_size).to(handle.device)
+            directions, _ = total_effects(handle, frozen, matrix, graph.logit_weights)
+            direction = directions[graph.node_position(target)]
         clean = linear_forward(handle, frozen, direct=True)
         embed, neurons = _source_values(graph, clean, source)
         run = linear_forward(
@@ -95,16 +111,17 @@ def edge_heads(handle: ModelHandle, graph: AttributionGraph, source: int, target
             frozen,
             direct=True,
             batch=2,
-            embed_value=torch.cat([embed, torch.zeros_like(embed)]),
-            neuron_values=[torch.cat([v, torch.zeros_like(v)]) for v in neurons],
+            leaves=Leaves(
+                torch.cat([embed, torch.zeros_like(embed)]), [torch.cat([v, torch.zeros_like(v)]) for v in neurons]
+            ),
             capture_heads=True,
             capture_reads=True,
         )
         t_layer, t_pos = graph.node_position(target)
-        read = run.reads[t_layer] if kind == "neuron" else run.reads[adapter.n_layers]
-        (gradient,) = torch.autograd.grad(_target_value(graph, run, target, 0), read)
+        read = run.reads[adapter.n_layers] if kind == "logit" else run.reads[t_layer]
+        (gradient,) = torch.autograd.grad(_target_value(handle, graph, run, target, 0, direction), read)
         g = gradient[0, t_pos]
-        last_head_layer = t_layer if kind == "neuron" and not adapter.parallel else t_layer - 1
+        last_head_layer = t_layer if not adapter.parallel else t_layer - 1
         if kind == "logit":
             last_head_layer = adapter.n_layers - 1
         contributions = torch.zeros(adapter.n_layers, adapter.n_heads)

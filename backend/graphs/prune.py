@@ -9,10 +9,14 @@ thresholds is a few matrix-vector products.
   (embeddings, bias and logits are always kept); edge pruning keeps the edges reaching
   ``edge_threshold`` of the total edge influence; nodes left without outgoing edges (or, for
   neurons, incoming ones) are then dropped until nothing changes;
-- replacement score: the share of the inputs' influence that comes from embeddings (and
-  bias) rather than "other neurons" (circuit-tracer's error nodes);
-- completeness score: the influence-weighted share of each node's incoming |edges| that
-  does not come from "other neurons".
+- replacement score: of the influence that reaches an endpoint (an input: a token
+  embedding or the bias; or an "other neurons" node without inputs), the share that reaches
+  an input along a path through no "other neurons" node. With circuit-tracer's error
+  semantics ("other" nodes have no inputs) this is exactly its inputs / (inputs + errors);
+  with exact "other" nodes, which pass influence on to the inputs, it stays a score: the
+  plain share of influence reaching the inputs would be 1 by construction;
+- completeness score (both modes, circuit-tracer's): the influence-weighted share of each
+  node's incoming |edges| that does not come from "other neurons".
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from backend.errors import UserInputError
-from backend.graphs.attribution import AttributionGraph
+from backend.graphs.graph import AttributionGraph
 
 
 @dataclass
@@ -106,13 +110,18 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
 
 
 def graph_scores(graph: AttributionGraph) -> dict[str, float]:
-    """circuit-tracer's replacement and completeness scores, "other neurons" as errors."""
+    """Replacement and completeness (module doc), "other neurons" in the role of errors."""
     weights = logit_weight_vector(graph)
     normalized = normalize_rows(graph.adjacency.astype(np.float64))
     influence = influence_series(normalized, weights)
-    inputs = influence[graph.embed_slice].sum() + influence[graph.bias_index]
-    errors = influence[graph.error_slice].sum()
-    replacement = inputs / (inputs + errors) if inputs + errors > 0 else 0.0
+    inputs = slice(graph.embed_slice.start, graph.bias_index + 1)
+    others = np.zeros(graph.n_nodes, dtype=bool)
+    others[graph.error_slice] = True
+    dead_ends = others & ~graph.adjacency.any(axis=1)
+    avoiding = normalized.copy()
+    avoiding[:, others] = 0.0  # a path may not enter an "other neurons" node
+    reached = influence[inputs].sum() + influence[dead_ends].sum()
+    replacement = influence_series(avoiding, weights)[inputs].sum() / reached if reached > 0 else 0.0
     non_error = 1.0 - normalized[:, graph.error_slice].sum(axis=1)
     output_influence = influence + weights
     completeness = (non_error * output_influence).sum() / output_influence.sum()

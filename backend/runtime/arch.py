@@ -53,6 +53,29 @@ class LayerParts:
     attn_norm: nn.Module
 
 
+# Named places in the model where a tensor can be read or edited (see ArchAdapter.site):
+SITES = {
+    "resid_pre": "the residual stream entering block l (its input)",
+    "attn_in": "the residual stream attention reads (its norm's input)",
+    "heads": "the heads' outputs, concatenated (the output projection's input)",
+    "attn_out": "what attention adds to the residual stream",
+    "mlp_in": "the residual stream the MLP reads (its norm's input)",
+    "neurons": "the MLP neurons (the down projection's input)",
+    "mlp_out": "what the MLP adds to the residual stream",
+    "final": "the residual stream the unembedding reads (the final norm's input); layer ignored",
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """A tensor in the forward pass: the first input ("pre") or the output ("forward") of ``module``."""
+
+    name: str
+    layer: int
+    module: nn.Module
+    kind: str
+
+
 @dataclass(frozen=True)
 class ArchAdapter:
     """``base`` is the decoder stack: its output is the final-normed residual stream."""
@@ -75,6 +98,22 @@ class ArchAdapter:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    def site(self, name: str, layer: int = 0) -> Site:
+        """The named site (see SITES) of block ``layer``."""
+        if name == "final":
+            return Site(name, self.n_layers, self.final_norm, "pre")
+        parts = self.layers[layer]
+        module, kind = {
+            "resid_pre": (parts.block, "pre"),
+            "attn_in": (parts.attn_norm, "pre"),
+            "heads": (parts.o_proj, "pre"),
+            "attn_out": (parts.attn_out, "forward"),
+            "mlp_in": (parts.mlp_norm, "pre"),
+            "neurons": (parts.down_proj, "pre"),
+            "mlp_out": (parts.mlp_out, "forward"),
+        }[name]
+        return Site(name, layer, module, kind)
 
     def o_proj_weight(self, layer: int) -> torch.Tensor:
         """Output projection as a [d_model, n_heads * head_dim] matrix."""

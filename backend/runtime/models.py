@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import config
-from backend.runtime.arch import ArchAdapter, build_adapter
 from backend.errors import UserInputError
+from backend.runtime.arch import ArchAdapter, build_adapter
+
+from . import config
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,26 @@ class ModelHandle:
     @property
     def vocab_size(self) -> int:
         return self.adapter.unembed_weight().shape[0]
+
+    @property
+    def cache_key(self) -> tuple[str, int]:
+        """Identifies this model in result caches (the same name reloaded is another model)."""
+        return (self.name, id(self.model))
+
+    def ids(self, token_ids: list[int], batch: int = 1) -> torch.Tensor:
+        """``token_ids`` as a [batch, P] tensor on the device the model reads its input from."""
+        return torch.tensor([token_ids], device=self.device).expand(batch, -1)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The model's logits [B, P, vocab], under the model's lock (the one way analyses run
+        the whole model, so no other request's hooks can fire on this forward)."""
+        with self.lock:
+            return self.model(input_ids, use_cache=False).logits
+
+    def final_residual(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder stack's output (final-normed residual stream) [B, P, d], under the lock."""
+        with self.lock:
+            return self.adapter.base(input_ids, use_cache=False).last_hidden_state
 
 
 def _no_progress(fraction: float, message: str) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import unicodedata
 
-from backend.runtime.config import max_prompt_chars, max_prompt_tokens
 from backend.errors import UserInputError
+from backend.runtime.config import max_prompt_chars, max_prompt_tokens
 from backend.runtime.models import ModelHandle
 
 
@@ -69,3 +69,50 @@ def resolve_token(handle: ModelHandle, text: str) -> int:
         f"Target {text!r} is not one token of the vocabulary (it is {len(ids)}: {pieces}); "
         "type a single token, e.g. ' Paris' with its leading space."
     )
+
+
+# ---------------------------------------------------------------- the document-start token
+
+BOS_MODES = ("on", "off")
+
+
+def adds_special_start(handle: ModelHandle) -> bool:
+    """Whether the tokenizer itself starts every prompt with a special token (Gemma's <bos>)."""
+    ids = handle.tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] in set(handle.tokenizer.all_special_ids)
+
+
+def document_start(handle: ModelHandle) -> str | None:
+    """The text of the token the model saw at document boundaries in pretraining, to prepend
+    when its tokenizer adds none: "<|endoftext|>" where the vocabulary has it as a special
+    token (GPT-2, SmolLM2, Qwen, Pythia), else the BOS token, else the EOS token.
+
+    Why: position 0 of every sequence is an attention sink with an unusually large norm, and
+    gradient-based attributions pile up there. A fixed special token takes that role, so the
+    first word of the prompt is a normal token, and graphs leave the sink out of their nodes
+    (as circuit-tracer does with the BOS). On SmolLM2 the instruct model's BOS
+    "<|im_start|>" lowers p(" cold") after "The opposite of hot is" from 0.68 to 0.26, while
+    "<|endoftext|>" keeps every measured top-1 (and raises p: 0.68 -> 0.76)."""
+    if adds_special_start(handle):
+        return None
+    tokenizer = handle.tokenizer
+    if "<|endoftext|>" in tokenizer.all_special_tokens:
+        return "<|endoftext|>"
+    return tokenizer.bos_token or tokenizer.eos_token
+
+
+def with_bos(handle: ModelHandle, text: str, mode: str = "on") -> str:
+    """``text`` as the model should read it: with the document-start token in front when
+    ``mode`` is "on" and the tokenizer adds no special token itself (idempotent)."""
+    if mode not in BOS_MODES:
+        raise UserInputError(f"Unknown document-start mode '{mode}'; choose on or off.")
+    check_text(text)  # an empty prompt stays empty, not "<|endoftext|>"
+    start = document_start(handle) if mode == "on" else None
+    if not start or text.startswith(start):
+        return text
+    return start + text
+
+
+def starts_with_special(handle: ModelHandle, ids: list[int]) -> bool:
+    """Whether position 0 holds a special token (a BOS or document start: the attention sink)."""
+    return bool(ids) and ids[0] in set(handle.tokenizer.all_special_ids)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
-from backend.runtime.hooks import Hook, first_tensor, hooked
+from backend.runtime.hooks import Hook, hooked, read_site
 from backend.runtime.models import ModelHandle
 from backend.runtime.prompts import encode_prompt, token_texts
 
@@ -52,60 +53,42 @@ def run_trace(
     adapter = handle.adapter
     ids = encode_prompt(handle, prompt)
     n_layers = adapter.n_layers
-    resid_in: list = [None] * n_layers
-    attn_out: list = [None] * n_layers
-    mlp_out: list = [None] * n_layers
-    pattern_list: list = [None] * n_layers
-    head_in: list = [None] * n_layers
-    neuron_list: list = [None] * n_layers
-    final: list = [None]
+    kept: dict[str, list] = {name: [None] * (n_layers + 1) for name in ("resid_pre", "attn_out", "mlp_out", "patterns",
+                                                                       "heads", "neurons")}
 
-    def keep(store: list, layer: int, take_input: bool = False, second: bool = False):
-        def fn(module, args, output=None):
-            if take_input:
-                store[layer] = args[0].detach()
-            elif second:
-                store[layer] = output[1].detach()
-            else:
-                store[layer] = first_tensor(output).detach()
+    def keep(name: str, layer: int, tensor: torch.Tensor) -> None:
+        kept[name][layer] = tensor.detach()
 
-        return fn
+    def keep_pattern(layer: int, module, args, output) -> None:
+        kept["patterns"][layer] = output[1].detach()
 
-    hooks: list[Hook] = []
-    for layer, parts in enumerate(adapter.layers):
+    wanted = ["resid_pre", "attn_out", "mlp_out"] + (["heads"] if heads else []) + (["neurons"] if neurons else [])
+    hooks: list[Hook] = [read_site(adapter.site(name, layer), partial(keep, name, layer))
+                         for layer in range(n_layers) for name in wanted]
+    if patterns:
         hooks += [
-            Hook(parts.block, "pre", keep(resid_in, layer, take_input=True)),
-            Hook(parts.attn_out, "forward", keep(attn_out, layer)),
-            Hook(parts.mlp_out, "forward", keep(mlp_out, layer)),
+            Hook(parts.attn, "forward", partial(keep_pattern, layer)) for layer, parts in enumerate(adapter.layers)
         ]
-        if patterns:
-            hooks.append(Hook(parts.attn, "forward", keep(pattern_list, layer, second=True)))
-        if heads:
-            hooks.append(Hook(parts.o_proj, "pre", keep(head_in, layer, take_input=True)))
-        if neurons:
-            hooks.append(Hook(parts.down_proj, "pre", keep(neuron_list, layer, take_input=True)))
-    hooks.append(Hook(adapter.layers[-1].block, "forward", keep(final, 0)))
-
-    input_ids = torch.tensor([ids], device=handle.device)
+    hooks.append(read_site(adapter.site("final"), partial(keep, "resid_pre", n_layers)))
     with hooked(handle, hooks):
-        logits = handle.model(input_ids, use_cache=False).logits[0]
+        logits = handle.logits(handle.ids(ids))[0]
 
     trace = Trace(
         token_ids=ids,
         tokens=token_texts(handle, ids),
         logits=logits.float().cpu().numpy(),
-        resid=_numpy(resid_in + final),
-        attn_out=_numpy(attn_out),
-        mlp_out=_numpy(mlp_out),
+        resid=_numpy(kept["resid_pre"]),
+        attn_out=_numpy(kept["attn_out"][:n_layers]),
+        mlp_out=_numpy(kept["mlp_out"][:n_layers]),
     )
     if patterns:
-        if any(p is None for p in pattern_list):
+        if any(p is None for p in kept["patterns"][:n_layers]):
             raise RuntimeError("attention weights unavailable: load the model with attn_implementation='eager'")
-        trace.patterns = _numpy(pattern_list)
+        trace.patterns = _numpy(kept["patterns"][:n_layers])
     if heads:
-        trace.head_out = _split_heads(handle, head_in)
+        trace.head_out = _split_heads(handle, kept["heads"][:n_layers])
     if neurons:
-        trace.neurons = _numpy(neuron_list)
+        trace.neurons = _numpy(kept["neurons"][:n_layers])
     return trace
 
 

@@ -15,13 +15,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from backend import settings as S
 from backend.errors import UserInputError
 from backend.runtime.models import ModelHandle
+from backend.runtime.prompts import with_bos
 from backend.storage.store import Store
 
 ANALYSES = ("lens", "inspect", "graph", "paths")
+SETTINGS = {"graph": S.GRAPH, "paths": S.PATHS}  # the analyses' setting records (defaults, names)
 MAX_PROMPTS = 10_000
-Progress = Callable[[int, int, str], None]
+BatchProgress = Callable[[int, int, str], None]  # (done, total, message): counts, not a fraction
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -51,8 +54,8 @@ def read_prompts(path: Path) -> list[dict]:
     return prompts
 
 
-def compute(handle: ModelHandle, analysis: str, prompt: str, target: str | None, settings: dict) -> str:
-    """One analysis as the JSON text the CLI and the pages use."""
+def compute(handle: ModelHandle, analysis: str, prompt: str, target: str | None, values: dict) -> str:
+    """One analysis as the JSON text the CLI and the pages use (``values``: its settings)."""
     if analysis == "lens":
         from backend.analyses.lens import logit_lens
 
@@ -65,17 +68,19 @@ def compute(handle: ModelHandle, analysis: str, prompt: str, target: str | None,
         from backend.graphs.attribution import attribution_graph
         from backend.graphs.neuronpedia import to_graph_json, view_from_graph
 
-        graph = attribution_graph(handle, prompt, target, max_nodes=settings["max_nodes"])
-        return json.dumps(to_graph_json(view_from_graph(graph)))
+        graph = attribution_graph(handle, prompt, target, wrong=values["wrong"] or None, max_nodes=values["max_nodes"],
+                                  other_inputs=values["other_inputs"])
+        return json.dumps(to_graph_json(view_from_graph(graph, values["node_threshold"], values["edge_threshold"])))
     if analysis == "paths":
         from backend.causal.paths import neuron_path
 
-        return neuron_path(handle, prompt, target, steps=settings["steps"]).to_json()
+        return neuron_path(handle, prompt, target, position=values["position"], steps=values["steps"],
+                           top_k=values["top_k"]).to_json()
     raise UserInputError(f"Unknown analysis '{analysis}'; choose from {', '.join(ANALYSES)}.")
 
 
 def _file_name(index: int, analysis: str, item: dict, settings: dict) -> str:
-    key = json.dumps([item["prompt"], item["target"], analysis, settings], sort_keys=True)
+    key = json.dumps([item["prompt"], item["target"], analysis, settings], sort_keys=True, default=str)
     return f"{index:04d}-{analysis}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.json"
 
 
@@ -85,38 +90,32 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _page_url(analysis: str, item: dict, settings: dict) -> dict:
-    url = {"prompt": item["prompt"]}
-    if item["target"]:
-        url["target"] = item["target"]
-    if analysis == "graph":
-        url["k"] = str(settings["max_nodes"])
-    if analysis == "paths":
-        url["steps"] = str(settings["steps"])
-    return url
-
-
 def run_batch(
     handle: ModelHandle,
     prompts: list[dict],
     analyses: list[str],
     out_dir: Path,
     *,
-    settings: dict | None = None,
+    settings: dict[str, dict] | None = None,
     store: Store | None = None,
-    progress: Progress | None = None,
+    progress: BatchProgress | None = None,
+    bos: str = "on",
 ) -> dict:
-    """Compute what is missing under ``out_dir``; returns the index (also written to index.json)."""
+    """Compute what is missing under ``out_dir``; returns the index (also written to
+    index.json). ``settings`` maps an analysis to setting values (defaults from
+    backend.settings for the rest). Prompts are read with the document-start token per ``bos``
+    (runtime.prompts.with_bos); the gallery keeps them as typed."""
     unknown = [a for a in analyses if a not in ANALYSES]
     if unknown or not analyses:
         raise UserInputError(f"Unknown analysis {unknown or analyses}; choose from {', '.join(ANALYSES)}.")
-    settings = {"max_nodes": 200, "steps": 20, **(settings or {})}
+    given = settings or {}
+    settings = {a: {**(SETTINGS[a].defaults() if a in SETTINGS else {}), **given.get(a, {})} for a in analyses}
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(i, item, analysis) for i, item in enumerate(prompts) for analysis in analyses]
-    entries = []
+    entries: list[dict] = []
     index = {"model": handle.name, "analyses": analyses, "settings": settings, "items": entries}
     for done, (i, item, analysis) in enumerate(jobs):
-        name = _file_name(i, analysis, item, settings)
+        name = _file_name(i, analysis, item, settings[analysis])
         entry = {"index": i, "prompt": item["prompt"], "target": item["target"], "analysis": analysis, "file": name}
         path = out_dir / name
         if path.exists():
@@ -126,7 +125,9 @@ def run_batch(
                 progress(done, len(jobs), f"{analysis}: {item['prompt'][:40]}")
             start = time.perf_counter()
             try:
-                text = compute(handle, analysis, item["prompt"], item["target"], settings)
+                text = compute(
+                    handle, analysis, with_bos(handle, item["prompt"], bos), item["target"], settings[analysis]
+                )
             except UserInputError as exc:
                 entry.update(status="error", error=str(exc))
             else:
@@ -135,7 +136,8 @@ def run_batch(
         if store is not None and entry["status"] == "done":
             store.save(analysis, f"{analysis}: {item['prompt'][:80]}", handle.name, item["prompt"],
                        path.read_text(encoding="utf-8"),
-                       settings={"page": analysis, "url": _page_url(analysis, item, settings), "batch": str(out_dir)},
+                       settings={"page": analysis, "values": settings[analysis], "target": item["target"],
+                                 "bos": bos, "batch": str(out_dir)},
                        source=f"batch:{out_dir.resolve()}:{name}")
         entries.append(entry)
         _write_atomic(out_dir / "index.json", json.dumps(index, indent=1))

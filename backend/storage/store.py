@@ -136,7 +136,8 @@ class Store:
             cursor = conn.execute(
                 "INSERT INTO analyses (kind, title, notes, model, prompt, settings, labels, supernodes, result, "
                 "source, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-            return int(cursor.lastrowid)
+            assert cursor.lastrowid is not None  # an INSERT always sets it
+            return cursor.lastrowid
 
     def rename(self, analysis_id: int, title: str) -> None:
         _check_title(title)
@@ -173,6 +174,12 @@ class Store:
         if row is None:
             raise UserInputError(f"No saved analysis #{analysis_id}: it may have been deleted.")
         return _saved(row)
+
+    def sources(self, prefix: str) -> set[str]:
+        """The sources of the rows whose source starts with ``prefix`` (e.g. "example:")."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT source FROM analyses WHERE source LIKE ?", (prefix + "%",)).fetchall()
+        return {row[0] for row in rows}
 
     def search(self, text: str = "", kind: str | None = None, limit: int = 200) -> list[Saved]:
         """Newest first; ``text`` matches title, model, prompt or notes (case-insensitive).
@@ -236,4 +243,4 @@ def import_graph(store: Store, raw: bytes | str, title: str = "") -> int:
     view = parse_graph_json(raw)
     prompt = "".join(view.tokens)
     return store.save("graph", title or f"Imported graph: {prompt[:60]}", view.metadata.get("scan") or "imported",
-                      prompt, json.dumps(to_graph_json(view)), settings={"page": "graph", "url": {}, "imported": True})
+                      prompt, json.dumps(to_graph_json(view)), settings={"page": "graph", "imported": True})
