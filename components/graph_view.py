@@ -107,13 +107,16 @@ def graph_figure(
     selected: str | None = None,
     pinned: set[str] | None = None,
     labels: dict[str, str] | None = None,
+    unit_labels: dict[str, str] | None = None,
     max_links: int = 400,
     height: int = 700,
 ) -> go.Figure:
-    """The clickable graph. ``labels`` maps node ids to names shown beside them (supernode
-    names, user labels, unit labels)."""
+    """The clickable graph. ``labels`` maps node ids to names written beside them (supernode
+    names, the user's node labels); ``unit_labels`` (automatic or edited unit labels, one per
+    neuron) show on hover, and beside the selected and pinned nodes."""
     pinned = pinned or set()
-    labels = labels or {}
+    unit_labels = unit_labels or {}
+    labels = {**{k: v for k, v in unit_labels.items() if k == selected or k in pinned}, **(labels or {})}
     xy = node_xy(nodes)
     fig = go.Figure(_edge_traces(strongest_links(links, set(xy), max_links), xy, selected))
     by_kind: dict[str, list] = defaultdict(list)
@@ -126,8 +129,10 @@ def graph_figure(
             go.Scatter(
                 x=[xy[n.node_id][0] for n in members],
                 y=[xy[n.node_id][1] for n in members],
-                mode="markers+text" if kind in ("logit", "supernode") or labels else "markers",
-                text=[labels.get(n.node_id, _short_label(n))[:24] for n in members],
+                mode="markers+text" if kind in ("logit", "supernode") or any(n.node_id in labels for n in members)
+                else "markers",
+                text=[labels.get(n.node_id, _short_label(n) if kind in ("logit", "supernode") else "")[:24]
+                      for n in members],
                 textposition="top center",
                 marker={
                     "symbol": symbol,
@@ -142,7 +147,7 @@ def graph_figure(
                     },
                 },
                 customdata=[[n.node_id] for n in members],
-                hovertext=[_hover(n, labels.get(n.node_id)) for n in members],
+                hovertext=[_hover(n, labels.get(n.node_id) or unit_labels.get(n.node_id)) for n in members],
                 hoverinfo="text",
                 name=kind,
             )

@@ -138,14 +138,24 @@ def pattern_figure(pattern, tokens: list[str], title: str = "") -> go.Figure:
     return fig
 
 
-def coloured_tokens_html(tokens: list[str], values) -> str:
-    """Tokens with a background whose intensity follows |value| (blue positive, red negative)."""
+def coloured_tokens_html(tokens: list[str], values, bound: float | None = None, mark: int | None = None,
+                         dim: set[int] | None = None, as_text: bool = False) -> str:
+    """Tokens with a background whose intensity follows |value| / ``bound`` (default: the
+    largest |value|; blue positive, red negative); ``mark`` is outlined, ``dim`` greyed out;
+    ``as_text``: spaces shown as spaces (running text) instead of visible markers."""
     values = np.asarray(values, dtype=float)
-    bound = float(np.abs(values).max()) or 1.0
+    bound = bound or float(np.abs(values).max()) or 1.0
     spans = []
-    for token, value in zip(tokens, values):
+    for position, (token, value) in enumerate(zip(tokens, values)):
         alpha = min(1.0, abs(value) / bound)
         colour = f"rgba(31,119,180,{alpha:.2f})" if value >= 0 else f"rgba(214,39,40,{alpha:.2f})"
-        spans.append(f"<span title='{value:.4g}' style='background:{colour};padding:2px 3px;margin:1px;"
-                     f"border-radius:3px;font-family:monospace'>{html.escape(visible(token))}</span>")
+        extra = "outline:2px solid #111;font-weight:bold;" if position == mark else ""
+        if dim and position in dim:
+            colour, extra = "transparent", "color:#999;"
+        if as_text:
+            spans.append(f"<span title='{value:.4g}' style='background:{colour};{extra}white-space:pre-wrap;"
+                         f"border-radius:2px'>{html.escape(token.replace(chr(10), '⏎'))}</span>")
+        else:
+            spans.append(f"<span title='{value:.4g}' style='background:{colour};{extra}padding:2px 3px;margin:1px;"
+                         f"border-radius:3px;font-family:monospace'>{html.escape(visible(token))}</span>")
     return "".join(spans)

@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub duri
 os.environ.setdefault("CIRCUITSCOPE_EXAMPLES", "0")  # no background example builds competing for the CPU
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("CIRCUITSCOPE_DB", os.path.join(tempfile.mkdtemp(prefix="circuitscope-"), "gallery.sqlite"))
+os.environ.setdefault("CIRCUITSCOPE_INDEX_DIR", tempfile.mkdtemp(prefix="circuitscope-index-"))  # never the user's
+os.environ.setdefault("CIRCUITSCOPE_INDEX_AUTOBUILD", "0")  # pages do not start index builds during tests
 
 import pytest
 
@@ -51,7 +53,7 @@ def normalize_small_spans(monkeypatch):
     clear_all()
 
 
-REAL_MODEL_FIXTURES = {"smollm2", "app", "gemma"}
+REAL_MODEL_FIXTURES = {"smollm2", "app", "gemma", "smollm2_index"}
 REAL_MODEL_MODULES = ("test_cli", "test_gemma3")  # subprocesses / fixtures of their own load a real model
 
 
@@ -68,3 +70,17 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
         else:
             item.add_marker(pytest.mark.unit)
+
+
+SMOLLM2_INDEX_TOKENS = 20_000  # ~70 s on 2 CPU cores; the default index (250k tokens) is for users and bench
+
+
+@pytest.fixture(scope="session")
+def smollm2_index(smollm2):
+    """A small index of the default corpus for SmolLM2, under this session's index root (the
+    served app of the browser tests finds it there too)."""
+    from backend.units.build import build_index
+    from backend.units.corpus import corpus_from
+    from backend.units.service import open_index
+
+    return open_index(build_index(smollm2, corpus_from(None), tokens=SMOLLM2_INDEX_TOKENS))

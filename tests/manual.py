@@ -23,6 +23,7 @@ import torch.nn.functional as F
 @dataclass
 class Clean:
     probs: list[torch.Tensor] = field(default_factory=list)  # per layer [H, P, P]
+    scores: list[torch.Tensor] = field(default_factory=list)  # per layer [H, P, P] pre-softmax (scaled), unmasked
     scales: dict[str, torch.Tensor] = field(default_factory=dict)  # norm name -> [P, 1]
     gains: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 
@@ -89,6 +90,8 @@ class ManualModel:
             return clean.probs[layer]
         P, hd = q.shape[0], q.shape[-1]
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
+        if record is not None:
+            record.scores.append(scores.detach())
         scores = scores.masked_fill(torch.triu(torch.ones(P, P, dtype=torch.bool), 1), float("-inf"))
         probs = scores.softmax(-1)
         if record is not None:

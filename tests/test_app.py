@@ -125,6 +125,46 @@ def test_paths_page_shows_the_evaluation_and_the_clicked_neuron(app):
     assert {m.label for m in app.metric} >= {"JAS (path)", "Search time"}
 
 
+def test_attention_page_explains_the_head_in_the_url(app):
+    app.switch_page("views/attention.py")
+    app.query_params.update(prompt="The capital of France is", qk="17.4.5.2")
+    app.run()
+    assert not app.exception and not app.error
+    shown = metrics(app)
+    assert float(shown["Score (q·k scaled)"]) != 0 and "Attention weight" in shown
+    assert (app.number_input(key="qk_layer").value, app.number_input(key="qk_head").value) == (17, 4)
+    assert app.query_params["qk"] in ("17.4.5.2", ["17.4.5.2"])
+
+
+def test_attention_page_refuses_a_key_after_the_query_in_the_url(app):
+    app.switch_page("views/attention.py")
+    app.query_params.update(prompt="The capital of France is", qk="17.4.2.5")
+    app.run()
+    assert not app.exception
+    assert app.selectbox(key="qk_key").value <= app.selectbox(key="qk_query").value  # fell back to a valid pair
+
+
+def test_units_page_without_an_index_says_so_and_still_searches(app, monkeypatch, tmp_path):
+    monkeypatch.setenv("CIRCUITSCOPE_INDEX_DIR", str(tmp_path / "empty"))
+    app.switch_page("views/units.py")
+    app.query_params.update(prompt="The capital of France is Paris", ul="3", un="7")
+    app.run()
+    assert not app.exception and not app.error
+    assert any("no index yet" in w.value for w in app.warning)
+    assert any(b.label == "Build the index" for b in app.button)
+    assert any(m.value == "**Promotes**" for m in app.markdown)  # the neuron on this prompt, without the corpus
+    assert app.dataframe[0].value["neuron"].size == 30  # the search ranks raw activations meanwhile
+
+
+def test_units_page_shows_a_dashboard_from_the_index(app, smollm2_index):
+    app.switch_page("views/units.py")
+    app.query_params.update(prompt="The capital of France is Paris", ul="15", un="1349")
+    app.run()
+    assert not app.exception and not app.error
+    assert {"Corpus max", "Density (act > 0)", "Max on this prompt"} <= set(metrics(app))
+    assert any(m.value.startswith("**L15/N1349** ·") for m in app.markdown)
+
+
 def test_intervene_panel_on_pinned_graph_nodes(app, smollm2):
     from backend.graphs.attribution import attribution_graph
     from backend.graphs.neuronpedia import view_from_graph

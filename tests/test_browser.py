@@ -178,7 +178,8 @@ def test_three_sessions_a_simple_page_during_a_long_graph_and_cancel(app_url):
 
 PAGES = {"": "Circuitscope", "inspector": "Prompt inspector", "heatmaps": "Heatmaps and logit lens",
          "graph": "Attribution graph", "patching": "Patching", "circuit": "Circuit (heads and MLPs)",
-         "paths": "Influential neuron path", "gallery": "Gallery"}
+         "paths": "Influential neuron path", "units": "Neurons across a corpus",
+         "attention": "Attention: routes and QK", "gallery": "Gallery"}
 
 
 def test_every_page_opens_at_its_own_path(app_url):
@@ -205,3 +206,29 @@ def test_patching_draws_the_approximations_first_and_cancel_leaves_the_model_cle
         page.goto(f"{app_url}/inspector?prompt={quote(IOI_PROMPT)}")
         expect(metric(page, "Target")).to_have_text("␣Mary", timeout=60_000)
     assert first_figure < 60  # generous; bench/ records the real figure
+
+
+def test_a_graph_node_opens_its_neuron_dashboard_and_an_example_becomes_the_prompt(smollm2_index, app_url, tmp_path):
+    url = f"{app_url}/graph?prompt=The+capital+of+France+is&target=+Paris&k=60"
+    with chromium_page(height=1600) as page:
+        page.goto(url)
+        page.get_by_text("Nodes shown").wait_for(timeout=180_000)
+        wait_until_idle(page)
+        page.locator("[data-testid='stPlotlyChart'] path.point").first.wait_for(timeout=60_000)
+        neuron_trace = page.evaluate(  # index of the "neuron" trace among the plot's traces
+            "() => document.querySelector('.js-plotly-plot').data.findIndex(t => t.name === 'neuron')")
+        assert neuron_trace >= 0
+        page.locator(".js-plotly-plot .scatterlayer .trace").nth(neuron_trace).locator("path.point").first.click(
+            force=True)
+        page.get_by_text("Neuron dashboard").first.wait_for(timeout=60_000)
+        wait_until_idle(page)
+        expect(page.get_by_text("Top examples")).to_be_visible()
+        expect(page.get_by_text("Density (act > 0)")).to_be_visible()
+        page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        load = page.get_by_role("button", name="Load", exact=True).first
+        load.scroll_into_view_if_needed()
+        load.click()
+        page.wait_for_function("() => !window.location.search.includes('France')", timeout=60_000)
+        wait_until_idle(page)
+        prompt = page.get_by_role("textbox", name="Prompt", exact=True).input_value()
+        assert prompt and "capital of France" not in prompt

@@ -20,6 +20,7 @@ from views.common import (
     setting_state,
     show_user_errors,
     url_state,
+    why_attend_link,
     write_setting,
     write_url,
 )
@@ -179,6 +180,7 @@ with right:
             if pattern is not None:
                 st.plotly_chart(pattern_figure(pattern[node["head"]], result.tokens,
                                                f"{node['name']} attention on the clean prompt"), key="circuit_pattern")
+                why_attend_link(handle, result.clean, node["layer"], node["head"])
             intervene_panel(handle, result.clean, result.answer, [{"kind": "head", "layer": node["layer"],
                                                                    "index": node["head"], "positions": None}],
                             "circuit_intervene", extra={"corrupt_prompt": result.corrupt, "wrong": result.wrong})

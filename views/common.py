@@ -325,3 +325,21 @@ def start_examples_once(model: str) -> None:
         return
     started[model] = True
     show_user_errors(build_missing_in_background, model, gallery_store())
+
+
+def why_attend_link(handle: ModelHandle, text: str, layer: int, head: int, query: int = -1,
+                    key: int | None = None, where=None) -> None:
+    """A link to the attention page's QK explanation of ``head`` from ``query`` to ``key``
+    (default: the key it attends to most)."""
+    from backend.analyses.qk import strongest_key
+
+    n = len(encode_prompt(handle, text))
+    query %= n
+    if key is None:
+        key = show_user_errors(strongest_key, handle, text, layer, head, query)
+        if key is None:
+            return
+    (where or st).page_link("views/attention.py", label=f"Why does a{layer}.h{head} attend from position {query} "
+                                                        f"to {key}? (QK attribution)", icon="🔎",
+                            query_params={**{k: st.query_params[k] for k in URL_KEYS if k in st.query_params},
+                                          "qk": f"{layer}.{head}.{query}.{key}"})

@@ -2,9 +2,9 @@
 
 import json
 
+import numpy as np
 import streamlit as st
 
-from backend.analyses.neurons import neuron_view
 from backend.causal.interventions import neuron_items
 from backend.graphs.attribution import attribution_graph
 from backend.graphs.edge_heads import edge_heads
@@ -14,7 +14,6 @@ from backend.graphs.neuronpedia import GraphView, node_ids, parse_graph_json, to
 from backend.settings import GRAPH
 from components.charts import head_grid
 from components.graph_view import edges_of, graph_figure, selected_node_id
-from components.neuron_panel import neuron_panel
 from components.tokens import visible
 from views.common import (
     chart,
@@ -26,11 +25,13 @@ from views.common import (
     setting_state,
     show_user_errors,
     url_state,
+    why_attend_link,
     write_setting,
     write_url,
 )
 from views.intervene_panel import intervene_panel
 from views.save_panel import node_labels, save_panel
+from views.unit_panel import neuron_labels, unit_panel
 
 st.title("Attribution graph")
 selection, handle = current()
@@ -147,13 +148,17 @@ if grouped:
     view = show_user_errors(grouped_view, full_view, supernodes) or full_view
 shown = [n for n in view.nodes if (n.kind in kinds or n.kind == "supernode")
          and (not only_pinned or n.node_id in pinned or n.kind in ("logit", "supernode"))]
+unit_names = neuron_labels(handle, [(n.layer, n.feature) for n in shown if n.kind == "neuron"]) \
+    if meta.get("scan") == handle.name else {}
+unit_labels = {n.node_id: unit_names[(n.layer, n.feature)] for n in shown
+               if n.kind == "neuron" and (n.layer, n.feature) in unit_names}
 labels = {**({} if grouped else {member: name for name, *members in supernodes for member in members}),
           **node_labels()}
 
 left, right = st.columns([3, 2])
 with left:
     figure = graph_figure(shown, view.links, view.tokens, selected=selected, pinned=set(pinned), labels=labels,
-                          max_links=max_links)
+                          unit_labels=unit_labels, max_links=max_links)
     event = chart(figure, "graph_chart", export=f"Attribution graph: {''.join(view.tokens)}", on_select="rerun",
                   selection_mode="points")
     follow_click(selected_node_id(event), "node")
@@ -196,6 +201,10 @@ def show_edge_heads(target_id: str, incoming: list[dict]) -> None:
             f"edge {split.edge:+.4g} = heads {split.heads.sum():+.4g} + residual stream only {split.residual:+.4g}"
         )
         st.plotly_chart(head_grid(split.heads, "Direct effect by last attention hop"), key="edge_heads_grid")
+        source, target = full_view.node(source_id), full_view.node(target_id)
+        if source is not None and target is not None and source.ctx_idx <= target.ctx_idx:
+            layer, head = np.unravel_index(np.abs(split.heads).argmax(), split.heads.shape)
+            why_attend_link(handle, selection.text, int(layer), int(head), target.ctx_idx, source.ctx_idx)
 
 
 def other_members(node) -> None:
@@ -240,9 +249,8 @@ with right:
         if graph is not None and incoming and node.kind != "supernode" and not grouped:
             show_edge_heads(node.node_id, incoming)
         if node.kind == "neuron" and meta.get("scan") == handle.name:
-            detail = show_user_errors(neuron_view, handle, selection.text, node.layer, node.feature)
-            if detail is not None:
-                neuron_panel(detail.tokens, detail.activations, detail.promotes, detail.suppresses, "neuron_acts")
+            st.markdown("**Neuron dashboard**")
+            unit_panel(handle, selection.text, node.layer, node.feature, "graph_unit")
 
 
 def neuron_triples(ids: list[str]) -> list[tuple[int, int, int]]:
@@ -280,7 +288,11 @@ with pin_cols[1]:
             set_url_state("supernodes", supernodes[:i] + supernodes[i + 1:], json.dumps)
             st.rerun()
 
-exported = to_graph_json(full_view, pinned=pinned, supernodes=supernodes, clicked=selected)
+all_names = neuron_labels(handle, [(n.layer, n.feature) for n in full_view.nodes if n.kind == "neuron"]) \
+    if meta.get("scan") == handle.name else {}
+clerps = {**{n.node_id: all_names[(n.layer, n.feature)] for n in full_view.nodes
+             if n.kind == "neuron" and (n.layer, n.feature) in all_names}, **node_labels()}
+exported = to_graph_json(full_view, pinned=pinned, supernodes=supernodes, clicked=selected, clerps=clerps)
 save_panel("graph", f"Graph: {''.join(full_view.tokens)[:80]}", lambda: json.dumps(exported), supernodes=supernodes)
 downloads = st.columns(2)
 downloads[0].download_button("Download graph JSON (Neuronpedia schema)", lambda: json.dumps(exported),

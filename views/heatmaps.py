@@ -3,7 +3,6 @@
 import streamlit as st
 
 from backend.analyses.heatmaps import QUANTITIES, attention_pattern, cell_detail, compare_grids, heatmap
-from backend.analyses.neurons import neuron_view
 from components.heatmap import (
     clickable_grid,
     head_multiples,
@@ -11,9 +10,18 @@ from components.heatmap import (
     selected_cell,
     selected_head,
 )
-from components.neuron_panel import neuron_panel
-from views.common import current, follow_click, in_range, set_url_state, show_user_errors, url_state, write_url
+from views.common import (
+    current,
+    follow_click,
+    in_range,
+    set_url_state,
+    show_user_errors,
+    url_state,
+    why_attend_link,
+    write_url,
+)
 from views.intervene_panel import intervene_panel
+from views.unit_panel import unit_panel
 
 LABELS = {
     "target_prob": "Logit lens: p(target)",
@@ -150,6 +158,7 @@ if patterns is not None:
             pattern_figure(patterns[shown_head], grid.tokens, f"Layer {int(layer_choice)}, head {shown_head}"),
             key="head_large",
         )
+        why_attend_link(handle, selection.text, int(layer_choice), shown_head)
     intervene_panel(
         handle,
         selection.text,
@@ -159,13 +168,11 @@ if patterns is not None:
     )
 
 st.subheader(f"Neuron L{neuron[0]} N{neuron[1]}")
-view = show_user_errors(neuron_view, handle, selection.text, *neuron)
-if view is not None:
-    neuron_panel(view.tokens, view.activations, view.promotes, view.suppresses, "heatmap_neuron", as_text=True)
-    intervene_panel(
-        handle,
-        selection.text,
-        selection.target or None,
-        [{"kind": "neuron", "layer": neuron[0], "index": neuron[1], "positions": None}],
-        "heatmap_intervene",
-    )
+unit_panel(handle, selection.text, neuron[0], neuron[1], "heatmap_unit")
+intervene_panel(
+    handle,
+    selection.text,
+    selection.target or None,
+    [{"kind": "neuron", "layer": neuron[0], "index": neuron[1], "positions": None}],
+    "heatmap_intervene",
+)

@@ -9,6 +9,7 @@ from backend.causal.interventions import intervene
 from backend.runtime.models import ModelHandle
 from components.charts import null_histogram, top_tokens_bar
 from views.common import show_user_errors
+from views.unit_panel import unit_panel
 
 OPERATIONS = {"zero": "Zero-ablate", "scale": "Scale by a factor", "mean": "Mean-ablate (over reference prompts)",
               "add": "Add a value (steer)"}
@@ -33,6 +34,16 @@ def _side(where, side, title: str, key: str) -> None:
                   f"logit spread {side.logit_spread:.3g}.")
 
 
+def _neuron_dashboard(handle: ModelHandle, prompt: str, items: list[dict], key: str) -> None:
+    neurons = list(dict.fromkeys((item["layer"], item["index"]) for item in items if item["kind"] == "neuron"))
+    if not neurons:
+        return
+    chosen = st.selectbox("Neuron dashboard", [None, *neurons], key=f"{key}_dashboard",
+                          format_func=lambda n: "none" if n is None else f"L{n[0]}/N{n[1]}")
+    if chosen is not None:
+        unit_panel(handle, prompt, chosen[0], chosen[1], f"{key}_unit")
+
+
 def intervene_panel(handle: ModelHandle, prompt: str, target: str | None, items: list[dict], key: str,
                     extra: dict | None = None) -> None:
     """``items``: neuron or head targets ({kind, layer, index, positions}); ``extra`` adds
@@ -46,6 +57,7 @@ def intervene_panel(handle: ModelHandle, prompt: str, target: str | None, items:
             st.info("Select or pin neurons first.")
             return
         st.caption(", ".join(_label(item) for item in items))
+        _neuron_dashboard(handle, prompt, items, key)
         cols = st.columns([2, 1, 1])
         op = cols[0].selectbox("Operation", list(operations), format_func=operations.get, key=f"{key}_op")
         factor = cols[1].number_input("Factor / value", value=2.0 if op == "scale" else 1.0, key=f"{key}_factor")

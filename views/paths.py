@@ -3,12 +3,10 @@ found), the baselines and the paper's evaluation, with the best path named hones
 
 import streamlit as st
 
-from backend.analyses.neurons import neuron_view
 from backend.causal.interventions import neuron_items
 from backend.causal.paths import NAMED, PathResult, neuron_path, recurring_neurons
 from backend.settings import PATHS
 from components.heatmap import selected_cell
-from components.neuron_panel import neuron_panel
 from components.paths_view import ROWS, evaluation_figure, path_figure
 from views.common import (
     chart,
@@ -24,6 +22,7 @@ from views.common import (
 )
 from views.intervene_panel import intervene_panel
 from views.save_panel import save_panel
+from views.unit_panel import neuron_labels, unit_panel
 
 st.title("Influential neuron path")
 st.caption("NeuronPath (Wang et al., 2025), as the authors' code computes it: layer by layer, one neuron per layer "
@@ -66,7 +65,9 @@ metrics[1].metric("JAS (path)", f"{result.jas:.3g}")
 metrics[2].metric("JAS (most activated)", f"{result.baseline_jas['activation_baseline']:.3g}")
 metrics[3].metric("Search time", f"{result.timings['search_s']:.1f} s")
 
-event = chart(path_figure(result.path, result.baselines, n_layers, chosen), "path_chart",
+chip_labels = neuron_labels(handle, [(r["layer"], r["neuron"]) for rows in (result.path, *result.baselines.values())
+                                     for r in rows])
+event = chart(path_figure(result.path, result.baselines, n_layers, chosen, labels=chip_labels), "path_chart",
               export=f"Neuron path: {selection.prompt}", on_select="rerun", selection_mode="points")
 clicked = selected_cell(event)
 follow_click(clicked, "neuron", clicked and f"{clicked[0]},{clicked[1]}")
@@ -99,10 +100,8 @@ if chosen is None:
     st.info("Click a neuron chip: its activation over the prompt and the tokens it promotes.")
 else:
     layer, neuron = chosen
-    view = show_user_errors(neuron_view, handle, selection.text, layer, neuron)
-    if view is not None:
-        st.subheader(f"Neuron L{layer} N{neuron}")
-        neuron_panel(view.tokens, view.activations, view.promotes, view.suppresses, "path_neuron")
+    st.subheader(f"Neuron L{layer} N{neuron}")
+    unit_panel(handle, selection.text, layer, neuron, "path_unit")
 
 intervene_panel(handle, selection.text, result.target["token"],
                 neuron_items([(r["layer"], result.position, r["neuron"]) for r in result.path]), "path_intervene",

@@ -49,6 +49,9 @@ for path, title, text in [
     ("views/patching.py", "Patching", "exact activation patching beside AtP and RelP, for a clean/corrupted pair"),
     ("views/circuit.py", "Circuit (heads, MLPs)", "EAP-IG edges, a circuit and its measured faithfulness"),
     ("views/paths.py", "Neuron paths", "NeuronPath's influential path, against baselines"),
+    ("views/units.py", "Neurons across a corpus", "where a neuron fires in a corpus, its label; search neurons"),
+    ("views/attention.py", "Attention: routes and QK", "which heads move information to the prediction, and why a "
+     "head attends where it does"),
     ("views/gallery.py", "Gallery", "saved analyses and imported graphs"),
 ]:
     st.page_link(path, label=f"{title} — {text}")

@@ -38,8 +38,11 @@ def cached_trace(handle: ModelHandle, prompt: str) -> Trace:
 @torch.no_grad()
 def direction_logit_scores(handle: ModelHandle, direction: torch.Tensor) -> torch.Tensor:
     """Direct effect of a unit write along ``direction`` on every logit, up to the final
-    norm's positive per-position scale: W_U (w_norm ⊙ centre(d))."""
-    return handle.adapter.unembed_weight() @ write_direction(handle.adapter.final_norm, direction)
+    norm's positive per-position scale: W_U (w_norm ⊙ centre(d)). ``direction`` [d] gives
+    [vocab]; several directions as columns [d, n] give [vocab, n]."""
+    norm = handle.adapter.final_norm
+    written = write_direction(norm, direction) if direction.dim() == 1 else write_direction(norm, direction.T).T
+    return handle.adapter.unembed_weight() @ written
 
 
 def top_tokens(handle: ModelHandle, scores: torch.Tensor, k: int, largest: bool) -> list[dict]:

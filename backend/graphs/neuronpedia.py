@@ -176,8 +176,10 @@ def view_from_graph(graph: AttributionGraph, node_threshold: float = 0.8, edge_t
 
 
 def to_graph_json(view: GraphView, pinned: list[str] | None = None, supernodes: list[list[str]] | None = None,
-                  clicked: str = "") -> dict:
-    """The circuit-tracer / Neuronpedia graph JSON of a view (our extras under metadata)."""
+                  clicked: str = "", clerps: dict[str, str] | None = None) -> dict:
+    """The circuit-tracer / Neuronpedia graph JSON of a view (our extras under metadata);
+    ``clerps`` replaces node labels (unit labels, the user's node labels) by node id."""
+    clerps = clerps or {}
     n_layers = int(view.metadata.get("n_layers", 0))
     nodes = []
     for n in view.nodes:
@@ -193,7 +195,7 @@ def to_graph_json(view: GraphView, pinned: list[str] | None = None, supernodes: 
             "run_idx": 0,
             "reverse_ctx_idx": 0,
             "jsNodeId": _js_node_id(n, layer),
-            "clerp": n.label,
+            "clerp": clerps.get(n.node_id, n.label),
             "influence": n.influence,
             "activation": n.activation,
         }

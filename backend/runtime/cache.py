@@ -45,16 +45,24 @@ class BoundedCache:
                 pass
         try:
             value = compute()
-            with self._lock:
-                self._items[key] = value
-                self._items.move_to_end(key)
-                while len(self._items) > self.max_entries:
-                    self._items.popitem(last=False)
+            self.put(key, value)
             return value
         finally:
             with self._lock:
                 del self._in_flight[key]
             flight.release()
+
+    def peek(self, key: Hashable) -> object | None:
+        """The cached value for ``key``, or None (no computing)."""
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key: Hashable, value: object) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
 
     def values(self) -> list:
         with self._lock:

@@ -20,8 +20,9 @@ from backend.runtime.models import ModelHandle
 
 @dataclass(frozen=True)
 class Hook:
-    """``kind`` is "forward" (fn(module, args, output) -> new output or None) or
-    "pre" (fn(module, args) -> new args or None)."""
+    """``kind`` is "forward" (fn(module, args, output) -> new output or None),
+    "pre" (fn(module, args) -> new args or None) or "pre_kwargs" (fn(module, args, kwargs) ->
+    None or new (args, kwargs), for modules called with keyword arguments)."""
 
     module: nn.Module
     kind: str
@@ -39,6 +40,8 @@ def hooked(handle: ModelHandle, hooks: Sequence[Hook]) -> Iterator[None]:
                     removers.append(hook.module.register_forward_hook(hook.fn))
                 elif hook.kind == "pre":
                     removers.append(hook.module.register_forward_pre_hook(hook.fn))
+                elif hook.kind == "pre_kwargs":
+                    removers.append(hook.module.register_forward_pre_hook(hook.fn, with_kwargs=True))
                 else:
                     raise ValueError(f"unknown hook kind {hook.kind!r}")
             yield

@@ -1,5 +1,7 @@
 """Saved analyses: one SQLite file (WAL mode) shared by every session and the batch CLI.
 
+Besides, users' labels of units (neurons, features) live in ``unit_labels``.
+
 Each row keeps a computed result (its JSON, exactly what the page drew) with a title,
 notes, node labels and supernodes, so the gallery reopens it without recomputing. Every
 write is one transaction: a crash mid-way, a concurrent writer or a refused import leaves
@@ -44,7 +46,15 @@ CREATE TABLE IF NOT EXISTS analyses (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS analyses_updated ON analyses (updated);
+CREATE TABLE IF NOT EXISTS unit_labels (
+    model TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    label TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (model, unit)
+);
 """
+MAX_UNIT_LABEL = 200
 
 
 def default_path() -> Path:
@@ -165,6 +175,26 @@ class Store:
                                    (value, time.time(), analysis_id)).rowcount
             if changed == 0:
                 raise UserInputError(f"No saved analysis #{analysis_id}.")
+
+    def set_unit_label(self, model: str, unit: str, label: str) -> None:
+        """Keep the user's label of ``unit`` ("L3/N45") of ``model`` (a weight fingerprint key);
+        an empty label removes it (the automatic label shows again)."""
+        label = label.strip()
+        if len(label) > MAX_UNIT_LABEL:
+            raise UserInputError(f"Labels are limited to {MAX_UNIT_LABEL} characters.")
+        with self._transaction() as conn:
+            if label:
+                conn.execute("INSERT INTO unit_labels (model, unit, label, updated) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (model, unit) DO UPDATE SET label = excluded.label, "
+                             "updated = excluded.updated", (model, unit, label, time.time()))
+            else:
+                conn.execute("DELETE FROM unit_labels WHERE model = ? AND unit = ?", (model, unit))
+
+    def unit_labels(self, model: str) -> dict[str, str]:
+        """Every edited unit label of ``model``: {unit: label}."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT unit, label FROM unit_labels WHERE model = ?", (model,)).fetchall()
+        return dict(rows)
 
     # ------------------------------------------------------------ reads
 

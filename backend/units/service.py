@@ -1,0 +1,149 @@
+"""Finding, opening and building indexes for the pages and the CLI.
+
+``find_index`` returns the complete index of (model, units, corpus), if any, preferring the
+default context and then the most tokens. ``ensure_building`` starts a build in a background
+thread (one per index directory per process; the flock in ``build`` keeps it to one per
+machine), and ``index_status`` tells a page where it stands ("index 35% built").
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend.errors import UserInputError
+from backend.runtime.models import ModelHandle
+from backend.units import index as store
+from backend.units.build import Cancelled, build_index, exclusive, make_spec, read_progress
+from backend.units.corpus import Corpus
+from backend.units.unitset import Neurons, UnitSet, model_fingerprint
+
+MAX_OPEN = 8
+BACKGROUND_BATCH_TOKENS = 512  # holds the model lock ~1.5 s at a time, so pages stay responsive
+_open: OrderedDict[Path, store.UnitIndex] = OrderedDict()
+_open_lock = threading.Lock()
+
+
+def open_index(directory: Path) -> store.UnitIndex:
+    """The index at ``directory`` (kept open; at most MAX_OPEN at once)."""
+    directory = Path(directory)
+    with _open_lock:
+        if directory in _open:
+            _open.move_to_end(directory)
+            return _open[directory]
+    opened = store.UnitIndex(directory)
+    with _open_lock:
+        _open[directory] = opened
+        while len(_open) > MAX_OPEN:
+            _open.popitem(last=False)
+    return opened
+
+
+def find_index(handle: ModelHandle, corpus: Corpus, units: UnitSet | None = None) -> store.UnitIndex | None:
+    """The best complete index of this model's units on ``corpus`` under the index root."""
+    units = units or Neurons.of(handle)
+    fingerprint, corpus_fingerprint = model_fingerprint(handle), corpus.fingerprint()
+    candidates = []
+    for meta_path in store.index_root().glob("*/*/meta.json"):
+        meta = store.read_meta(meta_path.parent)
+        spec = (meta or {}).get("spec", {})
+        if (spec.get("model_fingerprint"), spec.get("units"), spec.get("corpus_fingerprint")) == (
+                fingerprint, units.key(), corpus_fingerprint):
+            candidates.append((spec.get("context") == store.DEFAULT_CONTEXT, spec.get("tokens", 0), meta_path.parent))
+    if not candidates:
+        return None
+    return open_index(max(candidates)[2])
+
+
+def index_at(handle: ModelHandle, directory: Path, units: UnitSet | None = None) -> store.UnitIndex:
+    """The index in ``directory``, refused when it belongs to another model or units."""
+    units = units or Neurons.of(handle)
+    opened = open_index(directory)
+    opened.check(model_fingerprint(handle), units.key())
+    return opened
+
+
+# ---------------------------------------------------------------- background builds
+
+
+@dataclass
+class Job:
+    directory: Path
+    cancel: threading.Event = field(default_factory=threading.Event)
+    state: str = "building"  # building, done, failed, cancelled
+    fraction: float = 0.0
+    message: str = "starting"
+
+
+_jobs: dict[Path, Job] = {}
+_jobs_lock = threading.Lock()
+
+
+def ensure_building(handle: ModelHandle, corpus: Corpus, tokens: int = store.DEFAULT_TOKENS,
+                    context: int = store.DEFAULT_CONTEXT) -> Job:
+    """Start building this index in the background unless it exists or is being built here."""
+    directory = make_spec(handle, Neurons.of(handle), corpus, context, tokens).default_dir()
+    with _jobs_lock:
+        job = _jobs.get(directory)
+        if job is not None and job.state == "building":
+            return job
+        job = Job(directory)
+        _jobs[directory] = job
+
+    def report(fraction: float, message: str) -> None:
+        job.fraction, job.message = fraction, message
+
+    def run() -> None:
+        try:
+            build_index(handle, corpus, context=context, tokens=tokens, directory=directory,
+                        batch_tokens=BACKGROUND_BATCH_TOKENS, progress=report, cancel=job.cancel)
+            job.state, job.message = "done", "index complete"
+        except Cancelled:
+            job.state, job.message = "cancelled", "cancelled; building again resumes where it stopped"
+        except UserInputError as exc:
+            job.state, job.message = "failed", str(exc)
+        except Exception as exc:  # shown on the page; the checkpoint stays for a retry
+            job.state, job.message = "failed", f"{type(exc).__name__}: {exc}"
+
+    threading.Thread(target=run, name="circuitscope-index", daemon=True).start()
+    return job
+
+
+def job_for(directory: Path) -> Job | None:
+    with _jobs_lock:
+        return _jobs.get(directory)
+
+
+def index_status(handle: ModelHandle, corpus: Corpus, tokens: int = store.DEFAULT_TOKENS,
+                 context: int = store.DEFAULT_CONTEXT) -> dict:
+    """{"state": ready|building|stopped|missing|failed, "fraction", "message", "directory"}."""
+    found = find_index(handle, corpus)
+    if found is not None:
+        return {"state": "ready", "fraction": 1.0, "message": _describe(found), "directory": str(found.directory)}
+    directory = make_spec(handle, Neurons.of(handle), corpus, context, tokens).default_dir()
+    job = job_for(directory)
+    if job is not None and job.state != "done":
+        return {"state": job.state, "fraction": job.fraction, "message": job.message, "directory": str(directory)}
+    progress = read_progress(directory)
+    if progress and _locked_by_another(directory):
+        return {"state": "building", "fraction": progress.get("fraction", 0.0),
+                "message": f"another process is building it: {progress.get('message', '')}",
+                "directory": str(directory)}
+    if progress:
+        return {"state": "stopped", "fraction": progress.get("fraction", 0.0),
+                "message": f"stopped at: {progress.get('message', '')} (building again resumes)",
+                "directory": str(directory)}
+    return {"state": "missing", "fraction": 0.0, "message": "no index yet", "directory": str(directory)}
+
+
+def _locked_by_another(directory: Path) -> bool:
+    with exclusive(directory) as free:
+        return not free
+
+
+def _describe(found: store.UnitIndex) -> str:
+    meta = found.meta
+    return (f"{meta.get('corpus_title', found.spec['corpus'])}: {meta.get('tokens_indexed', 0):,} tokens in "
+            f"{meta.get('documents', 0):,} documents, context {found.spec['context']}")

@@ -1,0 +1,115 @@
+"""Glue for units on every page: the neuron dashboard (from the corpus index), the index's
+status with progress while it is built in the background, labels for graph nodes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from backend.analyses.neurons import neuron_view
+from backend.runtime.models import ModelHandle
+from backend.units.corpus import Corpus, corpus_from
+from backend.units.dashboard import auto_labels, unit_dashboard
+from backend.units.labels import label_key
+from backend.units.service import ensure_building, find_index, index_status, job_for
+from backend.units.unitset import Neurons
+from components.neuron_panel import neuron_panel
+from components.unit_view import unit_view
+from views.common import gallery_store, show_user_errors, url_state
+
+
+def active_corpus() -> Corpus:
+    """The corpus the dashboards read (``?corpus=FILE``; default: the State of the Union corpus)."""
+    name = url_state("corpus", "")
+    return show_user_errors(corpus_from, name) or corpus_from(None)
+
+
+def load_prompt(text: str) -> None:
+    """on_click: make ``text`` the sidebar's prompt (the sidebar validates it on the rerun)."""
+    st.session_state.prompt_input = text
+    st.session_state.target_input = ""
+
+
+def edited_labels(handle: ModelHandle) -> dict[str, str]:
+    return show_user_errors(lambda: gallery_store().unit_labels(label_key(handle))) or {}
+
+
+def save_label(handle: ModelHandle, name: str, text: str) -> None:
+    show_user_errors(lambda: gallery_store().set_unit_label(label_key(handle), name, text))
+
+
+def unit_panel(handle: ModelHandle, prompt_text: str, layer: int, neuron: int, key: str) -> None:
+    """The neuron's dashboard; while its index does not exist yet, the neuron on this prompt
+    and the index's build status (the build starts in the background on first need)."""
+    corpus = active_corpus()
+    index = show_user_errors(find_index, handle, corpus)
+    if index is None:
+        index_status_box(handle, corpus, key, start=True)
+        view = show_user_errors(neuron_view, handle, prompt_text, layer, neuron)
+        if view is not None:
+            neuron_panel(view.tokens, view.activations, view.promotes, view.suppresses, f"{key}_plain", as_text=True)
+        return
+    name = Neurons.of(handle).name(layer, neuron)
+    started = time.perf_counter()
+    dashboard = show_user_errors(unit_dashboard, handle, index, layer, neuron, prompt=prompt_text,
+                                 edited_label=edited_labels(handle).get(name))
+    if dashboard is None:
+        return
+    unit_view(dashboard.to_dict(), key, on_load=load_prompt,
+              on_label=lambda text: save_label(handle, name, text))
+    st.caption(f"Dashboard read in {1000 * (time.perf_counter() - started):.0f} ms.")
+
+
+def index_status_box(handle: ModelHandle, corpus: Corpus, key: str, start: bool = False) -> None:
+    """Where the index stands, refreshed every 2 s while it is built; ``start``: begin building
+    it in the background when it does not exist (pages keep working meanwhile;
+    CIRCUITSCOPE_INDEX_AUTOBUILD=0 leaves that to the Build button)."""
+    status = show_user_errors(index_status, handle, corpus)
+    if status is None:
+        return
+    if start and status["state"] == "missing" and os.environ.get("CIRCUITSCOPE_INDEX_AUTOBUILD", "1") != "0":
+        show_user_errors(ensure_building, handle, corpus)
+
+    @st.fragment(run_every=2.0)
+    def live() -> None:
+        current = index_status(handle, corpus)
+        state = current["state"]
+        if state == "ready":
+            if start:  # this box was shown because the index was missing: say that it is there now
+                st.success(f"Index ready: {current['message']}. Click the neuron again to see its dashboard.")
+            else:
+                st.caption(f"Index: {current['message']}.")
+            return
+        if state == "building":
+            st.progress(min(1.0, current["fraction"]), text=f"index {100 * current['fraction']:.0f}% built — "
+                                                              f"{current['message']}")
+            st.caption(f"Corpus: {corpus.title}. Top examples, bins and histograms appear when it is complete; "
+                       "everything else works meanwhile.")
+            job = job_for(Path(current["directory"]))
+            if job is not None and st.button("Stop building", key=f"{key}_stop_index",
+                                             help="Keeps what is done: building again resumes there."):
+                job.cancel.set()
+            return
+        st.warning(f"Index of {corpus.title}: {current['message']}")
+        if st.button("Build the index" if state == "missing" else "Resume building", key=f"{key}_build_index"):
+            show_user_errors(ensure_building, handle, corpus)
+
+    live()
+
+
+def neuron_labels(handle: ModelHandle, neurons: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
+    """Labels {(layer, neuron): label} of these neurons: edited ones, else automatic (needs the
+    index); empty when there is no index yet."""
+    index = show_user_errors(find_index, handle, active_corpus())
+    if index is None or not neurons:
+        return {}
+    wanted = list(dict.fromkeys(neurons))
+    automatic = show_user_errors(auto_labels, handle, index, wanted) or {}
+    edited = edited_labels(handle)
+    units = Neurons.of(handle)
+    named = {(layer, neuron): units.name(layer, neuron) for layer, neuron in wanted}
+    return {key: edited.get(name) or automatic.get(name, "") for key, name in named.items()
+            if edited.get(name) or automatic.get(name)}
