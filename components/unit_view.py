@@ -38,7 +38,7 @@ def unit_view(dashboard: dict, key: str, on_load: Callable[[str], None] | None =
         st.caption("This prompt on the corpus scale (full colour = the corpus maximum); outlined: its maximum.")
     corpus = d["corpus"]
     st.caption(f"Corpus: {corpus['title']}, {corpus.get('tokens') or 0:,} tokens in {corpus['documents']:,} "
-               "documents. Click Load to make an example the prompt.")
+               "documents. Pick an example and Load it to make it the prompt.")
     tabs = st.tabs(["Top examples", "By activation level", "Histogram", "Logit effects"])
     with tabs[0]:
         _examples(d["top_examples"], corpus_max, f"{key}_top", on_load)
@@ -68,29 +68,49 @@ def _label_editor(d: dict, key: str, on_label: Callable[[str], None]) -> None:
             st.rerun()
 
 
+def _example_lines(examples: list[dict], bound: float, first: int = 1) -> str:
+    lines = []
+    for number, example in enumerate(examples, start=first):
+        sink = {0} if example.get("sink") else set()
+        lines.append(f"<div style='line-height:1.9;margin-bottom:4px'><b>#{number}</b> "
+                     f"<span style='color:#555'>{example['max_act']:.3g}</span>&nbsp; "
+                     + coloured_tokens_html(example["tokens"], example["acts"], bound=bound or None,
+                                            mark=example["max_pos"], dim=sink, as_text=True) + "</div>")
+    return "".join(lines)
+
+
+def _load_picker(examples: list[dict], key: str, on_load: Callable[[str], None] | None) -> None:
+    """One picker and one button (not a button per example: a page stays light)."""
+    if not on_load or not examples:
+        return
+    row = st.columns([3, 1])
+    number = row[0].selectbox("Example", list(range(1, len(examples) + 1)), key=f"{key}_pick",
+                              format_func=lambda n: f"#{n}  ({examples[n - 1]['max_act']:.3g})",
+                              label_visibility="collapsed")
+    row[1].button("Load as prompt", key=f"{key}_load", on_click=on_load, args=(examples[number - 1]["text"],),
+                  help="Make this document (up to the example window's end) the prompt.")
+
+
 def _examples(examples: list[dict], bound: float, key: str, on_load: Callable[[str], None] | None) -> None:
     if not examples:
         st.info("No example: this unit never had a positive activation in the indexed corpus.")
         return
-    for number, example in enumerate(examples):
-        row = st.columns([5, 1]) if on_load else [st.container()]
-        sink = {0} if example.get("sink") else set()
-        row[0].markdown(f"<div style='line-height:1.9'><b>{example['max_act']:.3g}</b>&nbsp; "
-                        + coloured_tokens_html(example["tokens"], example["acts"], bound=bound or None,
-                                               mark=example["max_pos"], dim=sink, as_text=True) + "</div>",
-                        unsafe_allow_html=True)
-        if on_load:
-            row[1].button("Load", key=f"{key}_{number}", help="Make this document (up to the window's end) the prompt",
-                          on_click=on_load, args=(example["text"],))
+    _load_picker(examples, key, on_load)
+    st.html(_example_lines(examples, bound))  # st.html: no markdown parsing of ~600 spans (much faster to draw)
 
 
 def _bins(examples: list[dict], bound: float, key: str, on_load: Callable[[str], None] | None) -> None:
     if not examples:
         st.info("No example in any bin.")
         return
-    for b in sorted({e["bin"] for e in examples}, reverse=True):
-        members = [e for e in examples if e["bin"] == b]
+    ordered = sorted(examples, key=lambda e: -e["bin"])  # highest bin first; the picker numbers them this way
+    _load_picker(ordered, key, on_load)
+    parts, number = [], 1
+    for b in sorted({e["bin"] for e in ordered}, reverse=True):
+        members = [e for e in ordered if e["bin"] == b]
         low, high = members[0]["low"], members[0]["high"]
         share = f" ({100 * low / bound:.0f}–{100 * high / bound:.0f}% of the corpus max)" if bound > 0 else ""
-        st.markdown(f"**{low:.3g} – {high:.3g}**{share}")
-        _examples(members, bound, f"{key}_{b}", on_load)
+        parts.append(f"<p style='margin:8px 0 2px 0'><b>{low:.3g} – {high:.3g}</b>{share}</p>"
+                     + _example_lines(members, bound, first=number))
+        number += len(members)
+    st.html("".join(parts))

@@ -80,7 +80,7 @@ def test_clicking_a_heatmap_cell_shows_the_drill_down(app_url):
         page.wait_for_function("() => window.location.search.includes('cell=')", timeout=30_000)
         wait_until_idle(page)
         head_grid = page.locator("[data-testid='stPlotlyChart']").filter(has_text="head 5")
-        head_grid.locator(".subplot").nth(5).locator("path.point").first.click(force=True)
+        head_grid.locator("path.point").nth(5 * 6 * 6).click(force=True)  # head-major: 6 x 6 cells per head
         page.wait_for_function("() => window.location.search.includes('head=5')", timeout=60_000)
         expect(page.get_by_text("head 5").last).to_be_visible()
 
@@ -225,7 +225,7 @@ def test_a_graph_node_opens_its_neuron_dashboard_and_an_example_becomes_the_prom
         expect(page.get_by_text("Top examples")).to_be_visible()
         expect(page.get_by_text("Density (act > 0)")).to_be_visible()
         page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
-        load = page.get_by_role("button", name="Load", exact=True).first
+        load = page.get_by_role("button", name="Load as prompt", exact=True).first
         load.scroll_into_view_if_needed()
         load.click()
         page.wait_for_function("() => !window.location.search.includes('France')", timeout=60_000)

@@ -27,7 +27,8 @@ def test_grid_click_layer_carries_plain_lists():
     assert list(scatter.customdata[5]) == [1, 2] and len(scatter.customdata) == 6
     assert fig.layout.xaxis.ticktext == ("a", "␣b", "c")
     heads = head_multiples(np.full((4, 3, 3), 1 / 3), ["a", "b", "c"])
-    assert len(heads.data) == 4 and list(heads.data[3].customdata[0]) == [3]
+    assert len(heads.data) == 1 and list(heads.data[0].customdata[3 * 9]) == [3]  # head-major, 3 x 3 per head
+    assert [a.text for a in heads.layout.annotations] == ["head 0", "head 1", "head 2", "head 3"]
 
 
 def test_graph_layout_and_edges():
