@@ -1,5 +1,6 @@
 """Browser tests: the served app in headless Chromium, as a user sees it."""
 
+import time
 from urllib.parse import quote
 
 import pytest
@@ -196,10 +197,10 @@ def test_every_page_opens_at_its_own_path(app_url):
 
 def test_patching_draws_the_approximations_first_and_cancel_leaves_the_model_clean(app_url):
     with chromium_page(height=1400) as page:
-        started = __import__("time").perf_counter()
+        started = time.perf_counter()
         page.goto(f"{app_url}/patching?prompt={quote(IOI_PROMPT)}")
         page.get_by_text("AtP: Residual stream").first.wait_for(timeout=180_000)
-        first_figure = __import__("time").perf_counter() - started
+        first_figure = time.perf_counter() - started
         page.get_by_text("Exact:").first.wait_for(timeout=120_000)  # the exact grid, filling in
         page.get_by_role("button", name="Cancel").click()
         page.get_by_text("Cancelled.").wait_for(timeout=120_000)

@@ -11,6 +11,7 @@ from backend.causal.circuit import (
     CircuitResult,
     circuit,
     faithfulness,
+    is_scored,
     prune_dangling,
     ranked_edges,
     score_pair,
@@ -45,6 +46,17 @@ def test_empty_circuit_is_corrupted_full_circuit_is_clean(tiny, per_position, no
     ranked = ranked_edges(scored, per_position)
     assert faithfulness(tiny, scored, ranked[:0]) == pytest.approx(0.0, abs=1e-4)
     assert faithfulness(tiny, scored, ranked) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_is_scored_tells_a_cached_score_from_one_to_compute():
+    handle = tiny_handle("gpt2")  # a fresh handle: nothing cached for it yet
+    clean, corrupt = CLEAN, CORRUPT
+    assert not is_scored(handle, clean, corrupt, " Mary", " John", "eap-ig", 3)
+    score_pair(handle, clean, corrupt, " Mary", " John", "eap-ig", steps=3)
+    assert is_scored(handle, clean, corrupt, " Mary", " John", "eap-ig", 3)
+    assert not is_scored(handle, clean, corrupt, " Mary", " John", "eap-ig", 4)  # other settings: not cached
+    assert not is_scored(handle, clean, corrupt, " Mary", " John", "eap", 3)
+    assert not is_scored(handle, clean, corrupt, " Mary", " Nobodyxyz", "eap-ig", 3)  # a bad token: not an error
 
 
 def test_a_corruption_that_barely_moves_the_metric_is_not_normalized(tiny_llama):

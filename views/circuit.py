@@ -5,7 +5,7 @@ sets follow. Node details with a one-click ablation."""
 import streamlit as st
 
 from backend.analyses.heatmaps import attention_pattern
-from backend.causal.circuit import CircuitResult, cached_circuit, node_ablation, score_pair, top_edges
+from backend.causal.circuit import CircuitResult, cached_circuit, is_scored, node_ablation, score_pair, top_edges
 from backend.settings import CIRCUIT
 from components.circuit_view import circuit_figure, faithfulness_curve
 from components.graph_view import selected_node_id
@@ -79,18 +79,41 @@ def draw_circuit(nodes, edges, where, key="circuit_chart"):
                  on_select="rerun", selection_mode="points")
 
 
+def preview_size(scored) -> int:
+    return settings["top_n"] or max(1, round(settings["top_fraction"] * int(scored.allowed.sum())))
+
+
+def show_eap_first(where) -> None:
+    """EAP (one gradient, at the clean input) drawn while EAP-IG integrates: a first answer
+    in about a second; it is cached, so switching the method to EAP later is instant."""
+    eap = show_user_errors(score_pair, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, "eap", 1,
+                           pair.metric)
+    if eap is None:
+        return
+    with where.container():
+        nodes, edges = top_edges(handle, eap, preview_size(eap), settings["per_position"], settings["prune"])
+        st.info(f"First look: the top {preview_size(eap)} edges by EAP (one gradient, {eap.seconds:.1f} s). "
+                f"EAP-IG with {settings['steps']} steps is being computed and will replace it.")
+        draw_circuit(nodes, edges, st, key="circuit_eap_first")
+
+
 saved = opened("circuit")
 if saved is not None:
     result = CircuitResult.from_json(saved.result)
 else:
+    first_look = st.empty()
+    if settings["method"] == "eap-ig" and not is_scored(handle, pair.clean, pair.corrupt, pair.answer, pair.wrong,
+                                                        "eap-ig", settings["steps"], pair.metric):
+        show_eap_first(first_look)
     scored = run_with_progress(score_pair, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong,
                                settings["method"], settings["steps"], pair.metric, label="Scoring edges",
                                key="circuit_scores")
     if scored is None:
         st.stop()
+    first_look.empty()
     preview = st.empty()
     with preview.container():
-        n_preview = settings["top_n"] or max(1, round(settings["top_fraction"] * int(scored.allowed.sum())))
+        n_preview = preview_size(scored)
         nodes, edges = top_edges(handle, scored, n_preview, settings["per_position"], settings["prune"])
         st.info(f"{NAMES[settings['method']]} scores ready ({scored.seconds:.1f} s): the top {n_preview} edges are "
                 "drawn; measuring their faithfulness and the random sets now.")

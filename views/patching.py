@@ -76,22 +76,24 @@ def early_results(prepared) -> bool:
     return at once). False when cancelled or refused."""
     tokens = token_texts(handle, prepared.clean_ids)
     show_scale({"kind": pair.metric, **prepared.scale.to_dict()})
-    approximations = {}
-    for method in ("atp", "relp"):
-        if method in methods:
-            found = show_user_errors(approximate, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, method,
-                                     metric=pair.metric, freeze_attention=frozen)
-            if found is not None:
-                approximations[method] = found[0]
+    shown = [m for m in ("atp", "relp") if m in methods]
     placeholders = {}
     for site in SITES:
-        cols = st.columns(len(approximations) + 1)
-        bound = max([float(np.abs(g[site]).max()) for g in approximations.values()] + [1e-9])
-        for column, (method, grids) in zip(cols[1:], approximations.items()):
-            column.plotly_chart(clickable_grid(grids[site], columns_of(site, tokens), rows, title=f"{NAMES[method]}: "
-                                               f"{SITE_NAMES[site]}", diverging=True, bound=bound, row_px=10),
-                                key=f"early_{site}_{method}")
+        cols = st.columns(len(shown) + 1)
         placeholders[site] = cols[0].empty()
+        for column, method in zip(cols[1:], shown):
+            placeholders[site, method] = column.empty()
+    for method in shown:  # each drawn as soon as it is computed (AtP first: the fastest answer)
+        found = show_user_errors(approximate, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, method,
+                                 metric=pair.metric, freeze_attention=frozen)
+        if found is None:
+            continue
+        for site in SITES:
+            bound = float(np.abs(found[0][site]).max()) or 1e-9  # its own scale until all are in
+            placeholders[site, method].plotly_chart(
+                clickable_grid(found[0][site], columns_of(site, tokens), rows, title=f"{NAMES[method]}: "
+                               f"{SITE_NAMES[site]}", diverging=True, bound=bound, row_px=10),
+                key=f"early_{site}_{method}")
     if "exact" not in methods:
         return True
 

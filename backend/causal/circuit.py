@@ -90,6 +90,17 @@ def score_pair(handle: ModelHandle, clean: str, corrupt: str, answer: str, wrong
                   lambda: _score(handle, clean_ids, corrupt_ids, measured, method, steps, progress), scored_cache)
 
 
+def is_scored(handle: ModelHandle, clean: str, corrupt: str, answer: str, wrong: str | None, method: str,
+              steps: int, metric: str = "logit_diff") -> bool:
+    """Whether score_pair with these arguments would return at once (already in the cache)."""
+    steps = 1 if method == "eap" else int(steps)
+    try:
+        measured = make_metric(handle, answer, wrong, metric)
+    except UserInputError:
+        return False
+    return scored_cache.peek(("scored_pair", handle.cache_key, clean, corrupt, measured, method, steps)) is not None
+
+
 def _score(handle, clean_ids, corrupt_ids, metric: Metric, method: str, steps: int, progress) -> ScoredPair:
     report = progress or (lambda fraction, message: None)
     start = time.perf_counter()
