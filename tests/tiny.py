@@ -102,3 +102,26 @@ def _randomize_norms(model: torch.nn.Module) -> None:
         for name, param in model.named_parameters():
             if "norm" in name or ".ln_" in name or name.endswith(("ln_f.weight", "ln_f.bias")):
                 param.add_(0.2 * torch.randn(param.shape, generator=generator))
+
+
+def recorded_alone(handle: ModelHandle, ids: list[int], module_of, pre: bool = False) -> dict[int, torch.Tensor]:
+    """Run ``ids`` alone through the model with hooks registered directly on
+    ``module_of(layer_parts)`` of every layer (not through the code under test); returns each
+    layer's input (``pre``) or output, [positions, ...]."""
+    seen: dict[int, torch.Tensor] = {}
+    removers = []
+    for layer, parts in enumerate(handle.adapter.layers):
+        module = module_of(parts)
+        if pre:
+            removers.append(module.register_forward_pre_hook(
+                lambda m, args, layer=layer: seen.__setitem__(layer, args[0][0].detach().clone())))
+        else:
+            removers.append(module.register_forward_hook(
+                lambda m, args, out, layer=layer: seen.__setitem__(layer, out[0].detach().clone())))
+    try:
+        with torch.no_grad():
+            handle.model(torch.tensor([ids]))
+    finally:
+        for remover in removers:
+            remover.remove()
+    return seen

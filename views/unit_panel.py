@@ -15,7 +15,7 @@ from backend.units.corpus import Corpus, corpus_from
 from backend.units.dashboard import auto_labels, unit_dashboard
 from backend.units.labels import label_key
 from backend.units.service import ensure_building, find_index, index_status, job_for
-from backend.units.unitset import Neurons
+from backend.units.unitset import Neurons, UnitSet
 from components.neuron_panel import neuron_panel
 from components.unit_view import unit_view
 from views.common import gallery_store, show_user_errors, url_state
@@ -33,56 +33,59 @@ def load_prompt(text: str) -> None:
     st.session_state.target_input = ""
 
 
-def edited_labels(handle: ModelHandle) -> dict[str, str]:
-    return show_user_errors(lambda: gallery_store().unit_labels(label_key(handle))) or {}
+def edited_labels(handle: ModelHandle, units: UnitSet | None = None) -> dict[str, str]:
+    return show_user_errors(lambda: gallery_store().unit_labels(label_key(handle, units))) or {}
 
 
-def save_label(handle: ModelHandle, name: str, text: str) -> None:
-    show_user_errors(lambda: gallery_store().set_unit_label(label_key(handle), name, text))
+def save_label(handle: ModelHandle, name: str, text: str, units: UnitSet | None = None) -> None:
+    show_user_errors(lambda: gallery_store().set_unit_label(label_key(handle, units), name, text))
 
 
-def unit_panel(handle: ModelHandle, prompt_text: str, layer: int, neuron: int, key: str) -> None:
-    """The neuron's dashboard; while its index does not exist yet, the neuron on this prompt
-    and the index's build status (the build starts in the background on first need)."""
+def unit_panel(handle: ModelHandle, prompt_text: str, layer: int, neuron: int, key: str,
+               units: UnitSet | None = None) -> None:
+    """The unit's dashboard (a neuron, or a transcoder feature with ``units``); while its
+    index does not exist yet, a neuron on this prompt and the index's build status (the
+    build starts in the background on first need)."""
     corpus = active_corpus()
-    index = show_user_errors(find_index, handle, corpus)
+    index = show_user_errors(find_index, handle, corpus, units)
     if index is None:
-        index_status_box(handle, corpus, key, start=True)
-        view = show_user_errors(neuron_view, handle, prompt_text, layer, neuron)
+        index_status_box(handle, corpus, key, start=True, units=units)
+        view = None if units is not None else show_user_errors(neuron_view, handle, prompt_text, layer, neuron)
         if view is not None:
             neuron_panel(view.tokens, view.activations, view.promotes, view.suppresses, f"{key}_plain", as_text=True)
         return
-    name = Neurons.of(handle).name(layer, neuron)
+    name = (units or Neurons.of(handle)).name(layer, neuron)
     started = time.perf_counter()
-    dashboard = show_user_errors(unit_dashboard, handle, index, layer, neuron, prompt=prompt_text,
-                                 edited_label=edited_labels(handle).get(name))
+    dashboard = show_user_errors(unit_dashboard, handle, index, layer, neuron, units=units, prompt=prompt_text,
+                                 edited_label=edited_labels(handle, units).get(name))
     if dashboard is None:
         return
     unit_view(dashboard.to_dict(), key, on_load=load_prompt,
-              on_label=lambda text: save_label(handle, name, text))
+              on_label=lambda text: save_label(handle, name, text, units))
     st.caption(f"Dashboard read in {1000 * (time.perf_counter() - started):.0f} ms.")
 
 
-def index_status_box(handle: ModelHandle, corpus: Corpus, key: str, start: bool = False) -> None:
-    """Where the index stands, refreshed every 2 s while it is built; ``start``: begin building
+def index_status_box(handle: ModelHandle, corpus: Corpus, key: str, start: bool = False,
+                     units: UnitSet | None = None) -> None:
+    """Where the index stands, refreshed every 2 s until it is complete (then the page is
+    redrawn with it); ``start``: begin building
     it in the background when it does not exist (pages keep working meanwhile;
     CIRCUITSCOPE_INDEX_AUTOBUILD=0 leaves that to the Build button)."""
-    status = show_user_errors(index_status, handle, corpus)
+    status = show_user_errors(index_status, handle, corpus, units=units)
     if status is None:
         return
+    if status["state"] == "ready":  # nothing to follow: no polling
+        st.caption(f"Index: {status['message']}.")
+        return
     if start and status["state"] == "missing" and os.environ.get("CIRCUITSCOPE_INDEX_AUTOBUILD", "1") != "0":
-        show_user_errors(ensure_building, handle, corpus)
+        show_user_errors(ensure_building, handle, corpus, units=units)
 
     @st.fragment(run_every=2.0)
     def live() -> None:
-        current = index_status(handle, corpus)
+        current = index_status(handle, corpus, units=units)
         state = current["state"]
-        if state == "ready":
-            if start:  # this box was shown because the index was missing: say that it is there now
-                st.success(f"Index ready: {current['message']}. Click the neuron again to see its dashboard.")
-            else:
-                st.caption(f"Index: {current['message']}.")
-            return
+        if state == "ready":  # it was just completed: redraw the page, now with the dashboards
+            st.rerun()
         if state == "building":
             st.progress(min(1.0, current["fraction"]), text=f"index {100 * current['fraction']:.0f}% built — "
                                                               f"{current['message']}")
@@ -95,7 +98,7 @@ def index_status_box(handle: ModelHandle, corpus: Corpus, key: str, start: bool 
             return
         st.warning(f"Index of {corpus.title}: {current['message']}")
         if st.button("Build the index" if state == "missing" else "Resume building", key=f"{key}_build_index"):
-            show_user_errors(ensure_building, handle, corpus)
+            show_user_errors(ensure_building, handle, corpus, units=units)
 
     live()
 

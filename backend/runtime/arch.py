@@ -60,6 +60,7 @@ SITES = {
     "heads": "the heads' outputs, concatenated (the output projection's input)",
     "attn_out": "what attention adds to the residual stream",
     "mlp_in": "the residual stream the MLP reads (its norm's input)",
+    "mlp_normed": "the MLP's input after its norm (what transcoders read)",
     "neurons": "the MLP neurons (the down projection's input)",
     "mlp_out": "what the MLP adds to the residual stream",
     "final": "the residual stream the unembedding reads (the final norm's input); layer ignored",
@@ -110,6 +111,7 @@ class ArchAdapter:
             "heads": (parts.o_proj, "pre"),
             "attn_out": (parts.attn_out, "forward"),
             "mlp_in": (parts.mlp_norm, "pre"),
+            "mlp_normed": (parts.mlp_norm, "forward"),
             "neurons": (parts.down_proj, "pre"),
             "mlp_out": (parts.mlp_out, "forward"),
         }[name]

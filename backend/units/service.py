@@ -82,9 +82,10 @@ _jobs_lock = threading.Lock()
 
 
 def ensure_building(handle: ModelHandle, corpus: Corpus, tokens: int = store.DEFAULT_TOKENS,
-                    context: int = store.DEFAULT_CONTEXT) -> Job:
+                    context: int = store.DEFAULT_CONTEXT, units: UnitSet | None = None) -> Job:
     """Start building this index in the background unless it exists or is being built here."""
-    directory = make_spec(handle, Neurons.of(handle), corpus, context, tokens).default_dir()
+    units = units or Neurons.of(handle)
+    directory = make_spec(handle, units, corpus, context, tokens).default_dir()
     with _jobs_lock:
         job = _jobs.get(directory)
         if job is not None and job.state == "building":
@@ -97,7 +98,7 @@ def ensure_building(handle: ModelHandle, corpus: Corpus, tokens: int = store.DEF
 
     def run() -> None:
         try:
-            build_index(handle, corpus, context=context, tokens=tokens, directory=directory,
+            build_index(handle, corpus, context=context, tokens=tokens, directory=directory, units=units,
                         batch_tokens=BACKGROUND_BATCH_TOKENS, progress=report, cancel=job.cancel)
             job.state, job.message = "done", "index complete"
         except Cancelled:
@@ -117,12 +118,13 @@ def job_for(directory: Path) -> Job | None:
 
 
 def index_status(handle: ModelHandle, corpus: Corpus, tokens: int = store.DEFAULT_TOKENS,
-                 context: int = store.DEFAULT_CONTEXT) -> dict:
+                 context: int = store.DEFAULT_CONTEXT, units: UnitSet | None = None) -> dict:
     """{"state": ready|building|stopped|missing|failed, "fraction", "message", "directory"}."""
-    found = find_index(handle, corpus)
+    units = units or Neurons.of(handle)
+    found = find_index(handle, corpus, units)
     if found is not None:
         return {"state": "ready", "fraction": 1.0, "message": _describe(found), "directory": str(found.directory)}
-    directory = make_spec(handle, Neurons.of(handle), corpus, context, tokens).default_dir()
+    directory = make_spec(handle, units, corpus, context, tokens).default_dir()
     job = job_for(directory)
     if job is not None and job.state != "done":
         return {"state": job.state, "fraction": job.fraction, "message": job.message, "directory": str(directory)}

@@ -1,0 +1,1 @@
+"""Replacement models: transcoders read from circuit-tracer's formats or fitted here."""

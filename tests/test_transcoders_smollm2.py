@@ -1,0 +1,44 @@
+"""Transcoders on the real SmolLM2, end to end by the CLI: a small set fitted by
+`fit-transcoders` (the session fixture), its features indexed over the default corpus, one
+feature's dashboard read back; bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from backend.cli import main
+from backend.replacement.transcoders import load_transcoders
+
+
+def test_a_fitted_set_is_circuit_tracers_format_and_beats_the_mean(smollm2, smollm2_transcoders):
+    spec = yaml.safe_load((smollm2_transcoders / "config.yaml").read_text())
+    assert spec["model_kind"] == "transcoder_set" and spec["activation"] == "relu_topk" and spec["k"] == 8
+    assert spec["feature_input_hook"] == "mlp.hook_in" and spec["feature_output_hook"] == "mlp.hook_out"
+    assert len(spec["transcoders"]) == smollm2.adapter.n_layers
+    report = json.loads((smollm2_transcoders / "report.json").read_text())
+    assert len(report) == smollm2.adapter.n_layers
+    assert all(r["fvu"] < 1.0 for r in report), [round(r["fvu"], 2) for r in report]  # better than the mean
+    assert load_transcoders(smollm2_transcoders, smollm2).width == 64
+
+
+def test_a_feature_dashboard_by_the_cli(smollm2, smollm2_transcoders, tmp_path):
+    out = tmp_path / "feature.json"
+    assert main(["neuron", "--transcoders", str(smollm2_transcoders), "--layer", "3", "--neuron", "5",
+                 "--prompt", "The capital of France is", "--out", str(out)]) == 0
+    found = json.loads(out.read_text())
+    assert found["kind"] == "feature" and found["name"] == "L3/F5"
+    assert found["corpus"]["tokens"] >= 2000
+    assert len(found["prompt"]["acts"]) == len(found["prompt"]["tokens"])
+    search = tmp_path / "search.json"
+    assert main(["search", "--transcoders", str(smollm2_transcoders), "--text", "The capital of France is Paris",
+                 "--out", str(search)]) == 0
+    assert json.loads(search.read_text())["units"][0]["name"].startswith("L")
+
+
+def test_bad_transcoder_input_exits_2(smollm2, tmp_path, capsys):
+    assert main(["fit-transcoders", "--kind", "clt", "--out", str(tmp_path / "x")]) == 2
+    assert main(["neuron", "--transcoders", str(tmp_path), "--layer", "0", "--neuron", "0",
+                 "--out", str(tmp_path / "n.json")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
