@@ -88,8 +88,8 @@ def smollm2_index(smollm2):
 
 @pytest.fixture(scope="session")
 def smollm2_transcoders(smollm2, tmp_path_factory):
-    """A small transcoder set for SmolLM2 fitted by the CLI (64 features, 3,000 tokens: a
-    minute on 2 cores), and its features' index of 2,000 default-corpus tokens under this
+    """A small transcoder set for SmolLM2 fitted by the CLI (64 features, 3,000 tokens, 30
+    epochs: 45 s on 2 cores), and its features' index of 2,000 default-corpus tokens under this
     session's index root."""
     from backend.cli import main
     from backend.replacement.transcoders import open_transcoders
@@ -98,6 +98,6 @@ def smollm2_transcoders(smollm2, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("transcoders") / "set"
     assert main(["fit-transcoders", "--features", "64", "--k", "8", "--tokens", "3000", "--context", "64",
-                 "--epochs", "2", "--out", str(folder)]) == 0
+                 "--epochs", "30", "--out", str(folder)]) == 0
     build_index(smollm2, corpus_from(None), tokens=2000, units=open_transcoders(folder, smollm2))
     return folder

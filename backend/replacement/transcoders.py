@@ -177,11 +177,37 @@ def _layer_file(folder: Path, entry: str) -> Path:
 
 def load_transcoders(folder: str | Path, handle: ModelHandle | None = None) -> TranscoderSet:
     """Read a transcoder set from ``folder`` (see the module doc); with ``handle``, check that
-    it fits that model (layers, width, hooks)."""
-    folder = Path(folder).expanduser()
+    it fits that model (layers, width)."""
+    folder = _allowed(Path(folder).expanduser())
+    spec = _read_config(folder)
+    input_hook, output_hook = _hook_name(spec.get("feature_input_hook")), _hook_name(spec.get("feature_output_hook"))
+    if input_hook not in INPUT_HOOKS:
+        _fail(folder, f"feature_input_hook {spec.get('feature_input_hook')!r} is not one of {', '.join(INPUT_HOOKS)}.")
+    if output_hook not in OUTPUT_HOOKS:
+        _fail(folder, f"feature_output_hook {spec.get('feature_output_hook')!r} is not one of "
+                      f"{', '.join(OUTPUT_HOOKS)}.")
+    layers = [_read_layer(folder, i, str(entry)) for i, entry in enumerate(_layer_entries(folder, spec))]
+    shapes = {t.W_enc.shape for t in layers}
+    if len(shapes) > 1:
+        _fail(folder, f"layers differ in shape: {sorted(shapes)}.")
+    activation, k = _activation(folder, spec, layers)
+    result = TranscoderSet(layers=layers, activation=activation, k=k, input_hook=input_hook, output_hook=output_hook,
+                           source=str(folder))
+    if handle is not None:
+        check_fits(result, handle)
+    return result
+
+
+def _allowed(folder: Path) -> Path:
+    """Model-folder restrictions (CIRCUITSCOPE_MODEL_DIRS) apply to transcoder folders too."""
     allowed = config.allowed_model_dirs()
-    if allowed and not any(folder.resolve() == d or d in folder.resolve().parents for d in allowed):
+    resolved = folder.resolve()
+    if allowed and not any(resolved == d or d in resolved.parents for d in allowed):
         raise UserInputError(f"'{folder}' is outside the model folders this server allows.")
+    return folder
+
+
+def _read_config(folder: Path) -> dict:
     config_path = folder / "config.yaml"
     if not config_path.is_file():
         _fail(folder, "no config.yaml (a set is complete only when its config.yaml is written).")
@@ -196,54 +222,41 @@ def load_transcoders(folder: str | Path, handle: ModelHandle | None = None) -> T
         _fail(folder, "cross-layer transcoders are not supported yet; use a per-layer set.")
     if kind != "transcoder_set":
         _fail(folder, f"model_kind is {kind!r}; expected 'transcoder_set'.")
-    input_hook, output_hook = _hook_name(spec.get("feature_input_hook")), _hook_name(spec.get("feature_output_hook"))
-    if input_hook not in INPUT_HOOKS:
-        _fail(folder, f"feature_input_hook {spec.get('feature_input_hook')!r} is not one of {', '.join(INPUT_HOOKS)}.")
-    if output_hook not in OUTPUT_HOOKS:
-        _fail(folder, f"feature_output_hook {spec.get('feature_output_hook')!r} is not one of "
-                      f"{', '.join(OUTPUT_HOOKS)}.")
+    return spec
+
+
+def _layer_entries(folder: Path, spec: dict) -> list:
     entries = spec.get("transcoders")
     if entries is None:
-        count = len(list(folder.glob("layer_*.safetensors")))
-        entries = [f"layer_{i}.safetensors" for i in range(count)]
+        entries = [f"layer_{i}.safetensors" for i in range(len(list(folder.glob("layer_*.safetensors"))))]
     if not entries:
         _fail(folder, "no layer files (layer_{i}.safetensors, or a 'transcoders' list).")
-    layers = []
-    for i, entry in enumerate(entries):
-        path = _layer_file(folder, str(entry))
-        if not path.is_file():
-            _fail(folder, f"layer {i}: {path.name} is missing.")
-        if path.suffix not in (".safetensors", ".npz"):
-            _fail(folder, f"layer {i}: {path.name} is neither .safetensors nor .npz (pickles are never loaded).")
-        tensors = _read_npz(path) if path.suffix == ".npz" else _read_safetensors(path)
-        layers.append(_layer_from_tensors(path, tensors))
+    return entries
+
+
+def _read_layer(folder: Path, i: int, entry: str) -> LayerTranscoder:
+    path = _layer_file(folder, entry)
+    if not path.is_file():
+        _fail(folder, f"layer {i}: {path.name} is missing.")
+    if path.suffix not in (".safetensors", ".npz"):
+        _fail(folder, f"layer {i}: {path.name} is neither .safetensors nor .npz (pickles are never loaded).")
+    return _layer_from_tensors(path, _read_npz(path) if path.suffix == ".npz" else _read_safetensors(path))
+
+
+def _activation(folder: Path, spec: dict, layers: list[LayerTranscoder]) -> tuple[str, int | None]:
+    """The activation named in config.yaml; without one, jumprelu when the files hold
+    thresholds, else relu (as circuit-tracer decides)."""
     activation = spec.get("activation") or ("jumprelu" if layers[0].threshold is not None else "relu")
     if activation not in ACTIVATIONS:
         _fail(folder, f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}.")
-    k = spec.get("k")
-    if activation in ("topk", "relu_topk") and (not isinstance(k, int) or not 0 < k <= layers[0].width):
-        _fail(folder, f"activation topk needs an integer k between 1 and {layers[0].width} (got {k!r}).")
     if activation == "jumprelu" and any(t.threshold is None for t in layers):
         _fail(folder, "activation jumprelu needs activation_function.threshold in every layer file.")
-    widths = {t.W_enc.shape for t in layers}
-    if len(widths) > 1:
-        _fail(folder, f"layers differ in shape: {sorted(widths)}.")
-    result = TranscoderSet(layers=layers, activation=activation, k=k if activation.endswith("topk") else None,
-                           input_hook=input_hook, output_hook=output_hook, source=str(folder))
-    if handle is not None:
-        check_fits(result, handle)
-    return result
-
-
-_sets = cache_named("transcoder sets", 2)  # a set is large (SmolLM2, 4096 features: 0.6 GB)
-
-
-def open_transcoders(folder: str | Path, handle: ModelHandle) -> TranscoderFeatures:
-    """The features of the set in ``folder`` for ``handle`` (cached by folder and config date)."""
-    folder = Path(folder).expanduser().resolve()
-    stamp = (folder / "config.yaml").stat().st_mtime_ns if (folder / "config.yaml").is_file() else 0
-    return _sets.get_or_compute((str(folder), stamp, handle.cache_key),
-                                lambda: TranscoderFeatures(load_transcoders(folder, handle)))
+    if not activation.endswith("topk"):
+        return activation, None
+    k = spec.get("k")
+    if not isinstance(k, int) or not 0 < k <= layers[0].width:
+        _fail(folder, f"activation {activation} needs an integer k between 1 and {layers[0].width} (got {k!r}).")
+    return activation, k
 
 
 def _hook_name(name) -> str:
@@ -264,16 +277,18 @@ def check_fits(transcoders: TranscoderSet, handle: ModelHandle) -> None:
                              f"has {adapter.d_model}.")
 
 
+_sets = cache_named("transcoder sets", 2)  # a set is large (SmolLM2, 4096 features: 0.6 GB)
+
+
+def open_transcoders(folder: str | Path, handle: ModelHandle) -> TranscoderFeatures:
+    """The features of the set in ``folder`` for ``handle`` (cached by folder and config date)."""
+    folder = Path(folder).expanduser().resolve()
+    stamp = (folder / "config.yaml").stat().st_mtime_ns if (folder / "config.yaml").is_file() else 0
+    return _sets.get_or_compute((str(folder), stamp, handle.cache_key),
+                                lambda: TranscoderFeatures(load_transcoders(folder, handle)))
+
+
 # ---------------------------------------------------------------- writing
-
-
-def save_transcoders(transcoders: TranscoderSet, folder: str | Path, scan: str) -> None:
-    """Write circuit-tracer's per-layer format; config.yaml last (it marks the set complete)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, t in enumerate(transcoders.layers):
-        save_layer(t, folder / f"layer_{i}.safetensors")
-    write_config(folder, len(transcoders.layers), transcoders.activation, transcoders.k, scan)
 
 
 def save_layer(t: LayerTranscoder, path: Path) -> None:
