@@ -324,6 +324,7 @@ def test_auto_labels_name_the_tokens_context_and_promotions():
     assert auto_label(examples, [" France", " city", " France"]) == 'on "Paris" (after "of") → "France" "city"'
     assert auto_label([], []) == "never active in the corpus"
     assert auto_label(examples[3:], []) == 'on "Rome" (after "in")'
+    assert auto_label(examples[3:], [" \ufffd\ufffd", " Italy"]) == 'on "Rome" (after "in") → "Italy"'  # no lone bytes
 
 
 def test_edited_labels_are_kept_exported_and_removable(tmp_path):

@@ -45,6 +45,16 @@ def direction_logit_scores(handle: ModelHandle, direction: torch.Tensor) -> torc
     return handle.adapter.unembed_weight() @ written
 
 
+@torch.no_grad()
+def centred_token_effects(handle: ModelHandle, token_id: int, directions: torch.Tensor) -> torch.Tensor:
+    """For directions [d, n]: direction_logit_scores' row of ``token_id`` minus its mean over
+    the vocabulary, [n], computed as (W_U[token] − mean W_U) (w_norm ⊙ centre(d)) without the
+    [vocab, n] product (30 layers of SmolLM2 neurons: 31 s -> milliseconds)."""
+    written = write_direction(handle.adapter.final_norm, directions.T).T
+    unembed = handle.adapter.unembed_weight()
+    return (unembed[token_id] - unembed.mean(0)).to(written.dtype) @ written
+
+
 def top_tokens(handle: ModelHandle, scores: torch.Tensor, k: int, largest: bool) -> list[dict]:
     values, ids = scores.topk(k, largest=largest)
     return [{"token": token_text(handle, int(i)), "id": int(i), "score": float(v)} for v, i in zip(values, ids)]

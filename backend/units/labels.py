@@ -51,7 +51,8 @@ def auto_label(top_examples: list[dict], promotes: list[str]) -> str:
         word, count = Counter(before).most_common(1)[0]
         if word and count >= SHARED_CONTEXT * len(top_examples):
             parts.append(f"(after {_quoted(word)})")
-    promoted = list(dict.fromkeys(_quoted(t) for t in promotes if t.strip()))[:MAX_PROMOTES]
+    readable = [t for t in promotes if t.strip() and "\ufffd" not in t]  # a lone byte of a character reads as �
+    promoted = list(dict.fromkeys(_quoted(t) for t in readable))[:MAX_PROMOTES]
     if promoted:
         parts.append("→ " + " ".join(promoted))
     return " ".join(parts) or "fires on whitespace"

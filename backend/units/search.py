@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from backend.analyses.neurons import direction_logit_scores
+from backend.analyses.neurons import centred_token_effects
 from backend.errors import UserInputError
 from backend.runtime.models import ModelHandle
 from backend.runtime.prompts import resolve_token
@@ -65,13 +64,8 @@ def promotes(handle: ModelHandle, token: str, *, index: UnitIndex | None = None,
              k: int = 50) -> SearchResult:
     units = units or Neurons.of(handle)
     token_id = resolve_token(handle, token)
-    effects = []
-    with torch.no_grad():
-        for layer in range(units.n_layers):
-            directions = units.output_directions(handle, layer)  # [d, width]
-            scores = direction_logit_scores(handle, directions)  # [vocab, width]
-            effects.append((scores[token_id] - scores.mean(0)).float().cpu().numpy())
-    effect = np.stack(effects)  # [layers, width]
+    effect = np.stack([centred_token_effects(handle, token_id, units.output_directions(handle, layer)).float().cpu()
+                       .numpy() for layer in range(units.n_layers)])  # [layers, width]
     scale = index.max_act() if index is not None else np.ones_like(effect)
     score = effect * np.maximum(scale, 0)
     order = np.argsort(-score, axis=None, kind="stable")[:k]
