@@ -359,7 +359,8 @@ def section_units() -> dict:
     """Index throughput on the default corpus (the CLI's 1024-token batches, the pages'
     background 512-token batches, and the stats folded on the same thread for comparison),
     then unit lookups on a small index: reading one unit from disk, and the whole dashboard
-    (examples decoded, logit effects, label). Budget: a unit lookup under 50 ms."""
+    (examples decoded, logit effects, label), and both searches (each best of 3). Budget: a
+    unit lookup under 50 ms."""
     import random
     import statistics
 
@@ -368,6 +369,7 @@ def section_units() -> dict:
     from backend.units.build import build_index
     from backend.units.corpus import corpus_from
     from backend.units.dashboard import unit_dashboard
+    from backend.units.search import fires_on, promotes
     from backend.units.service import open_index
 
     handle = get_model("smollm2")
@@ -407,6 +409,9 @@ def section_units() -> dict:
                 "dashboard_median_ms": 1000 * statistics.median(dashboards),
                 "dashboard_max_ms": 1000 * max(dashboards), "lookup_budget_ms": 50,
                 "lookup_within_budget": statistics.median(dashboards) <= 0.05})
+    out["search_fires_on_s"], _ = timed(lambda: fires_on(handle, "The capital of France is Paris", -1, index=index),
+                                        repeat=3)
+    out["search_promotes_s"], _ = timed(lambda: promotes(handle, " Paris", index=index), repeat=3)
     return out
 
 
