@@ -121,3 +121,18 @@ def unit_histogram(histogram: dict, marks: dict[str, float] | None = None, title
                       yaxis={"title": "tokens"}, margin={"l": 10, "r": 10, "t": 40, "b": 10},
                       legend={"orientation": "h", "y": 1.25})
     return fig
+
+
+def clicked_customdata(event) -> list:
+    """The customdata of every clicked point of a plotly_chart selection event, in order
+    (points without customdata left out); [] without a selection."""
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        points = getattr(getattr(event, "selection", None), "points", None) or []
+    found = []
+    for point in points:
+        data = point.get("customdata") if isinstance(point, dict) else None
+        if data is not None:
+            found.append(data)
+    return found

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from .charts import clicked_customdata
 from .tokens import visible
 
 COLOURS = {"attention": "#1f77b4", "mlp": "#ff7f0e", "residual": "#b0b0b0"}
@@ -67,12 +68,5 @@ def flow_figure(edges: list[dict], tokens: list[str], n_layers: int, parallel: b
 
 def selected_edge(event) -> tuple[int, int, int] | None:
     """(layer, source, target) of the first clicked attention edge, or None."""
-    try:
-        points = event["selection"]["points"]
-    except (KeyError, TypeError):
-        points = []
-    for point in points:
-        data = point.get("customdata") if isinstance(point, dict) else None
-        if isinstance(data, (list, tuple)) and len(data) == 3:
-            return int(data[0]), int(data[1]), int(data[2])
-    return None
+    edges = [d for d in clicked_customdata(event) if isinstance(d, (list, tuple)) and len(d) == 3]
+    return (int(edges[0][0]), int(edges[0][1]), int(edges[0][2])) if edges else None

@@ -14,6 +14,7 @@ from collections import defaultdict
 import numpy as np
 import plotly.graph_objects as go
 
+from .charts import clicked_customdata
 from .tokens import visible
 
 KIND_STYLE = {  # marker symbol and colour per node kind
@@ -198,12 +199,7 @@ def _layer_name(layer: int, top: int) -> str:
 
 def selected_node_id(event) -> str | None:
     """The node id of the first clicked point carrying one (edge lines carry none)."""
-    try:
-        points = event["selection"]["points"]
-    except (KeyError, TypeError):
-        points = getattr(getattr(event, "selection", None), "points", None) or []
-    for point in points:
-        data = point.get("customdata") if isinstance(point, dict) else None
+    for data in clicked_customdata(event):
         if data:
             return data[0] if isinstance(data, (list, tuple)) else str(data)
     return None

@@ -8,6 +8,7 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 
+from .charts import clicked_customdata
 from .tokens import visible
 
 
@@ -73,15 +74,8 @@ def clickable_grid(
 
 def selected_cell(event) -> tuple[int, int] | None:
     """(row, column) of the first clicked square, or None."""
-    try:
-        points = event["selection"]["points"]
-    except (KeyError, TypeError):
-        points = []
-    for point in points:
-        data = point.get("customdata") if isinstance(point, dict) else None
-        if isinstance(data, (list, tuple)) and len(data) == 2:
-            return int(data[0]), int(data[1])
-    return None
+    cells = [d for d in clicked_customdata(event) if isinstance(d, (list, tuple)) and len(d) == 2]
+    return (int(cells[0][0]), int(cells[0][1])) if cells else None
 
 
 def head_multiples(patterns, tokens: list[str], columns: int = 3, selected: int | None = None) -> go.Figure:
@@ -118,12 +112,8 @@ def head_multiples(patterns, tokens: list[str], columns: int = 3, selected: int 
 
 
 def selected_head(event) -> int | None:
-    try:
-        points = event["selection"]["points"]
-    except (KeyError, TypeError):
-        return None
-    for point in points:
-        data = point.get("customdata") if isinstance(point, dict) else None
+    """The head of the first clicked small multiple (customdata starts with it), or None."""
+    for data in clicked_customdata(event):
         if isinstance(data, (list, tuple)) and data:
             return int(data[0])
         if isinstance(data, (int, float)):

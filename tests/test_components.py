@@ -3,6 +3,7 @@
 import numpy as np
 
 from backend.graphs.neuronpedia import GraphNode
+from components.flow_view import selected_edge
 from components.graph_view import edges_of, graph_figure, node_xy, selected_node_id
 from components.heatmap import clickable_grid, coloured_tokens_html, head_multiples, selected_cell, selected_head
 from components.tokens import visible
@@ -19,6 +20,8 @@ def test_selection_handlers():
     assert selected_head(event([2])) == 2 and selected_head(event(5)) == 5
     assert selected_node_id(event(None, ["12_34_5"])) == "12_34_5"  # edge lines carry no customdata
     assert selected_node_id({}) is None
+    assert selected_edge(event(None, [7, 1, 4])) == (7, 1, 4)  # route dots carry (layer, source, target)
+    assert selected_edge(event([3, 4])) is None and selected_edge(None) is None
 
 
 def test_grid_click_layer_carries_plain_lists():
