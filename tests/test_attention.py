@@ -149,3 +149,17 @@ def test_routes_connect_to_the_prediction():
         assert all(e.target in reached for e in here if e.stage == "mlp")
         reached = {e.source for e in here if e.stage == "attention"}
     assert len(routes(flow, 0.5)) < len(edges)
+
+
+def test_an_unknown_attention_module_is_refused_with_a_message():
+    """A family the adapter accepts but whose attention projections we cannot map: a plain
+    message (the page shows it), not a traceback."""
+    from dataclasses import replace
+
+    from backend.runtime.attention import qkv_weights
+
+    handle = tiny_handle("llama")
+    parts = handle.adapter.layers[0]
+    odd = replace(handle.adapter, layers=(replace(parts, attn=torch.nn.Identity()), *handle.adapter.layers[1:]))
+    with pytest.raises(UserInputError, match="Identity"):
+        qkv_weights(odd, 0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from backend.errors import UserInputError
 from backend.runtime.arch import ArchAdapter, parameter
 from backend.runtime.hooks import Hook, hooked
 from backend.runtime.models import ModelHandle
@@ -50,7 +51,8 @@ def qkv_weights(adapter: ArchAdapter, layer: int) -> QKV:
         bias = None if b is None else b.view(heads, 3, hd)
         parts = [(w[:, i].reshape(heads * hd, d), None if bias is None else bias[:, i].reshape(-1)) for i in range(3)]
         return QKV(parts[0][0], parts[0][1], parts[1][0], parts[1][1], parts[2][0], parts[2][1])
-    raise NotImplementedError(f"no query/key/value map for {type(attn).__name__}")
+    raise UserInputError(f"QK attribution and information flow do not know the attention module "
+                         f"{type(attn).__name__} (supported: Llama, Qwen, Mistral, Gemma, GPT-2, GPT-NeoX).")
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
