@@ -88,7 +88,7 @@ class Heatmap(Command):
 
 
 class Graph(Command):
-    name, help = "graph", "neuron-level attribution graph, circuit-tracer / Neuronpedia JSON"
+    name, help = "graph", "attribution graph over MLP neurons (or --transcoders features), Neuronpedia JSON"
 
     def add_arguments(self, parser):
         S.GRAPH.add_arguments(parser)
@@ -97,8 +97,15 @@ class Graph(Command):
         from backend.graphs.attribution import attribution_graph
         from backend.graphs.neuronpedia import to_graph_json, view_from_graph
 
-        graph = attribution_graph(handle, _text(handle, args, args.prompt), args.target, wrong=args.wrong or None,
-                                  max_nodes=args.max_nodes, other_inputs=args.other_inputs)
+        prompt = _text(handle, args, args.prompt)
+        if args.transcoders:
+            from backend.graphs.features import feature_graph
+
+            graph = feature_graph(handle, prompt, args.transcoders, args.target, wrong=args.wrong or None,
+                                  max_nodes=args.max_nodes)
+        else:
+            graph = attribution_graph(handle, prompt, args.target, wrong=args.wrong or None,
+                                      max_nodes=args.max_nodes, other_inputs=args.other_inputs)
         return to_graph_json(view_from_graph(graph, args.node_threshold, args.edge_threshold))
 
 

@@ -113,6 +113,8 @@ GRAPH = Group("graph", (
     Setting("edge_threshold", "et", 0.98, float, 0.0, 1.0, help="keep the edges reaching this share of influence"),
     Setting("other_inputs", "oin", True, _bool, help="'other neurons' nodes get incoming edges (exact under the "
             "linearization); off = circuit-tracer's error semantics (no inputs)"),
+    Setting("transcoders", "tc", "", help="a transcoder set's folder (circuit-tracer's format): a graph over its "
+            "features instead of the MLP neurons"),
 ))
 
 PAIR = Group("pair", (

@@ -7,7 +7,8 @@ the linearization freezes (attention probabilities, norm scales, MLP gains); ``r
 replays linearly: every norm with its clean scale, attention with its clean
 probabilities (``frozen_attention``) or live, every MLP nonlinearity by the identity rule
 (gated: half to the gate, half to the up branch). ``neurons`` given per layer replace the
-MLP activations (the leaves of direct mode); ``taps`` add zeros that require grad at
+MLP activations (the leaves of direct mode); ``mlp_outputs(layer, h)`` given replaces each
+MLP's output by a function of its normed input h (a transcoder); ``taps`` add zeros that require grad at
 resid_pre / attn_out / mlp_out of each layer, so gradients there can be taken.
 """
 
@@ -131,7 +132,8 @@ class ManualModel:
         return self.model.transformer.wte.weight[ids] + self.model.transformer.wpe.weight[: len(ids)]
 
     def _forward(self, x: torch.Tensor, clean: Clean | None, record: Clean | None, frozen_attention: bool = True,
-                 neurons: dict[int, torch.Tensor] | None = None, taps: bool = False) -> Out:
+                 neurons: dict[int, torch.Tensor] | None = None, taps: bool = False,
+                 mlp_outputs=None) -> Out:
         kept, tapped = [], {}
         self.sites: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -170,7 +172,8 @@ class ManualModel:
             kept.append(a)
             if neurons is not None and layer in neurons:
                 a = neurons[layer]
-            x = x + tap("mlp_out", layer, self._down(layer, a))
+            out = self._down(layer, a) if mlp_outputs is None else mlp_outputs(layer, h2)
+            x = x + tap("mlp_out", layer, out)
         if self.family == "llama":
             norm = self.model.model.norm
             final = self._norm("final", x, norm.weight, None, norm.variance_epsilon, clean, record)
@@ -188,5 +191,5 @@ class ManualModel:
         return record, out
 
     def run(self, clean: Clean, embed: torch.Tensor, *, frozen_attention: bool = True,
-            neurons: dict[int, torch.Tensor] | None = None, taps: bool = False) -> Out:
-        return self._forward(embed, clean, None, frozen_attention, neurons, taps)
+            neurons: dict[int, torch.Tensor] | None = None, taps: bool = False, mlp_outputs=None) -> Out:
+        return self._forward(embed, clean, None, frozen_attention, neurons, taps, mlp_outputs)

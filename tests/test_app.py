@@ -175,6 +175,23 @@ def test_units_page_shows_a_transcoder_feature_dashboard(app, smollm2_transcoder
     assert any(t.label.startswith("Which features fire") for t in app.tabs)
 
 
+def test_graph_page_over_transcoder_features_opens_a_feature_dashboard(app, smollm2, smollm2_transcoders):
+    from backend.graphs.features import feature_graph
+    from backend.graphs.neuronpedia import view_from_graph
+
+    prompt = with_bos(smollm2, "The capital of France is")
+    view = view_from_graph(feature_graph(smollm2, prompt, str(smollm2_transcoders), " Paris", max_nodes=30))
+    feature = next(n for n in view.nodes if n.kind == "neuron")
+    app.switch_page("views/graph.py")
+    app.query_params.update(prompt="The capital of France is", target=" Paris", k="30", tc=str(smollm2_transcoders),
+                            node=feature.node_id)
+    app.run()
+    assert not app.exception and not app.error
+    assert app.subheader[0].value == feature.label and feature.label.startswith(f"L{feature.layer} F")
+    assert any(m.value.startswith(f"**L{feature.layer}/F{feature.feature}** ·") for m in app.markdown)
+    assert any("not available yet" in c.value for c in app.caption)  # no neuron interventions on features
+
+
 def test_intervene_panel_on_pinned_graph_nodes(app, smollm2):
     from backend.graphs.attribution import attribution_graph
     from backend.graphs.neuronpedia import view_from_graph

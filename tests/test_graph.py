@@ -198,9 +198,9 @@ def test_neurons_are_selected_as_circuit_tracer_selects_features(tiny_llama):
 def test_a_promoted_neuron_becomes_a_node(tiny_llama):
     graph = attribution_graph(tiny_llama, PROMPT, max_nodes=10)
     member = graph.other_members["2,5"][0]
-    assert [2, 5, member["neuron"]] not in graph.features
-    promoted = attribution_graph(tiny_llama, PROMPT, max_nodes=10, include=[(2, 5, member["neuron"])])
-    assert [2, 5, member["neuron"]] in promoted.features and promoted.n_features == 11
+    assert [2, 5, member["unit"]] not in graph.features
+    promoted = attribution_graph(tiny_llama, PROMPT, max_nodes=10, include=[(2, 5, member["unit"])])
+    assert [2, 5, member["unit"]] in promoted.features and promoted.n_features == 11
     assert relative_conservation_error(promoted) < 1e-4
     with pytest.raises(UserInputError):
         attribution_graph(tiny_llama, PROMPT, max_nodes=10, include=[(99, 0, 0)])
@@ -211,7 +211,7 @@ def test_other_members_are_the_unlisted_neurons_by_influence(tiny_llama):
     listed = {tuple(f) for f in graph.features}
     for site, members in graph.other_members.items():
         layer, pos = map(int, site.split(","))
-        assert all((layer, pos, m["neuron"]) not in listed for m in members)
+        assert all((layer, pos, m["unit"]) not in listed for m in members)
         assert [m["influence"] for m in members] == sorted((m["influence"] for m in members), reverse=True)
 
 

@@ -42,3 +42,23 @@ def test_bad_transcoder_input_exits_2(smollm2, tmp_path, capsys):
     assert main(["neuron", "--transcoders", str(tmp_path), "--layer", "0", "--neuron", "0",
                  "--out", str(tmp_path / "n.json")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_a_feature_graph_by_the_cli(smollm2, smollm2_transcoders, tmp_path):
+    """`graph --transcoders`: feature nodes with circuit-tracer's ids, error nodes without
+    inputs, every feature and logit node the sum of its edges (checked on the full graph)."""
+    from backend.graphs.features import feature_graph
+
+    out = tmp_path / "graph.json"
+    assert main(["graph", "--prompt", "The capital of France is", "--target", " Paris", "--max-nodes", "40",
+                 "--transcoders", str(smollm2_transcoders), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["metadata"]["basis"] == "transcoders"
+    features = [n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert features and all(n["node_id"] == f"{n['layer']}_{n['feature']}_{n['ctx_idx']}" for n in features)
+    assert all(n["feature"] < 64 for n in features)
+    graph = feature_graph(smollm2, "The capital of France is", str(smollm2_transcoders), " Paris", max_nodes=40)
+    rows = graph.target_rows()
+    sums = graph.adjacency[rows].sum(axis=1)
+    assert abs(sums - graph.node_values[rows]).max() < 1e-3 * abs(graph.node_values[rows]).max()
+    assert graph.logit_targets[0]["token"] == " Paris"

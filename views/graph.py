@@ -1,4 +1,5 @@
-"""Attribution graph page: compute (or open) a neuron-level graph and explore it by clicking."""
+"""Attribution graph page: compute (or open) a graph over MLP neurons or transcoder features and explore it
+by clicking."""
 
 import json
 
@@ -8,9 +9,11 @@ import streamlit as st
 from backend.causal.interventions import neuron_items
 from backend.graphs.attribution import attribution_graph
 from backend.graphs.edge_heads import edge_heads
+from backend.graphs.features import feature_graph
 from backend.graphs.graph import AttributionGraph
 from backend.graphs.grouping import group_id, grouped_view
 from backend.graphs.neuronpedia import GraphView, node_ids, parse_graph_json, to_graph_json, view_from_graph
+from backend.replacement.transcoders import open_transcoders
 from backend.settings import GRAPH
 from components.charts import head_grid
 from components.graph_view import edges_of, graph_figure, selected_node_id
@@ -65,16 +68,21 @@ selected: str = url_state("node", "")
 url_state("grouped", False, lambda text: text == "1")
 included: list[tuple[int, int, int]] = url_state("inc", [], _included)
 
-with st.expander("Settings", expanded=False):
+with st.expander("Settings", expanded=bool(st.session_state.url_tc.strip())):
+    st.text_input("Basis: transcoder set folder (empty = MLP neurons)", key="url_tc",
+                  placeholder="a folder with config.yaml and layer_{i}.safetensors (fit one: make transcoders)",
+                  help="With a folder, the nodes are the set's active features (circuit-tracer's local replacement "
+                       "model: error nodes hold what the transcoders miss, and have no inputs).")
     cols = st.columns(6)
-    cols[0].number_input("Neuron nodes (K)", 1, 5000, step=50, key="url_k",
-                         help="Chosen as circuit-tracer chooses features: by influence on the logits through the graph "
-                              "built so far; the rest of each (layer, position) is its 'other neurons' node.")
+    cols[0].number_input("Unit nodes (K)", 1, 5000, step=50, key="url_k",
+                         help="Neurons or features, chosen as circuit-tracer chooses features: by influence on the "
+                              "logits through the graph built so far; the rest of each (layer, position) is its "
+                              "'other' (error) node.")
     cols[1].text_input("Wrong token (logit difference)", key="url_gwrong",
                        help="With a target token set in the sidebar: attribute logit(target) − logit(wrong).")
     cols[2].slider("Node threshold", 0.1, 1.0, step=0.01, key="url_nt")
     cols[3].slider("Edge threshold", 0.1, 1.0, step=0.005, key="url_et")
-    cols[4].toggle("'Other' nodes get inputs", key="url_oin",
+    cols[4].toggle("'Other' nodes get inputs", key="url_oin", disabled=bool(st.session_state.url_tc.strip()),
                    help="On: 'other neurons' nodes are exact linear functions of upstream nodes, so influence flows "
                         "through them to the tokens. Off: circuit-tracer's error semantics (no inputs).")
     max_links = cols[5].slider("Edges drawn (strongest)", 50, 3000, 400, step=50)
@@ -90,26 +98,33 @@ def compute_graph() -> tuple[GraphView | None, AttributionGraph | None]:
         return show_user_errors(parse_graph_json, saved.result), None
     if uploaded is not None:
         return show_user_errors(parse_graph_json, uploaded.getvalue()), None
-    graph = run_with_progress(
-        attribution_graph, handle, selection.text, selection.target or None,
-        wrong=st.session_state.url_gwrong.strip() or None, max_nodes=int(st.session_state.url_k),
-        other_inputs=bool(st.session_state.url_oin), include=included,
-        label="Computing the attribution graph", key="graph",
-    )
+    common = dict(wrong=st.session_state.url_gwrong.strip() or None, max_nodes=int(st.session_state.url_k),
+                  include=included, key="graph")
+    if transcoder_folder:
+        graph = run_with_progress(feature_graph, handle, selection.text, transcoder_folder, selection.target or None,
+                                  label="Computing the transcoder-feature graph", **common)
+    else:
+        graph = run_with_progress(attribution_graph, handle, selection.text, selection.target or None,
+                                  other_inputs=bool(st.session_state.url_oin), label="Computing the attribution graph",
+                                  **common)
     if graph is None:
         return None, None
     return show_user_errors(view_from_graph, graph, st.session_state.url_nt, st.session_state.url_et), graph
 
 
+transcoder_folder = st.session_state.url_tc.strip()
 full_view, graph = compute_graph()
 if full_view is None:
     st.stop()
+meta = full_view.metadata
+feature_units = show_user_errors(open_transcoders, meta["transcoders"], handle) \
+    if meta.get("basis") == "transcoders" and meta.get("transcoders") else None
+unit_word = "feature" if meta.get("basis") == "transcoders" else "neuron"
 selected = full_view.canonical_id(selected) if selected else selected
 pinned = [full_view.canonical_id(p) for p in pinned]
 supernodes = [[name, *(full_view.canonical_id(m) for m in members)] for name, *members in supernodes]
 view = full_view
 
-meta = full_view.metadata
 scores = meta.get("scores", {})
 cols = st.columns(5)
 cols[0].metric("Nodes shown", len(full_view.nodes))
@@ -138,7 +153,8 @@ if context and context[0].influence is not None:
 
 filters = st.columns([3, 1, 1])
 kinds = filters[0].multiselect("Node kinds", ["embedding", "neuron", "other", "bias", "logit"],
-                               ["embedding", "neuron", "other", "bias", "logit"])
+                               ["embedding", "neuron", "other", "bias", "logit"],
+                               format_func=lambda kind: {"neuron": unit_word, "other": "other / error"}.get(kind, kind))
 only_pinned = filters[1].toggle("Pinned subgraph only", value=False, disabled=not pinned)
 filters[2].toggle("Group supernodes", key="url_grouped", disabled=not supernodes,
                   help="Draw each supernode as one box; its edges are its members' edges summed.")
@@ -148,7 +164,7 @@ if grouped:
     view = show_user_errors(grouped_view, full_view, supernodes) or full_view
 shown = [n for n in view.nodes if (n.kind in kinds or n.kind == "supernode")
          and (not only_pinned or n.node_id in pinned or n.kind in ("logit", "supernode"))]
-unit_names = neuron_labels(handle, [(n.layer, n.feature) for n in shown if n.kind == "neuron"]) \
+unit_names = neuron_labels(handle, [(n.layer, n.feature) for n in shown if n.kind == "neuron"], feature_units) \
     if meta.get("scan") == handle.name else {}
 unit_labels = {n.node_id: unit_names[(n.layer, n.feature)] for n in shown
                if n.kind == "neuron" and (n.layer, n.feature) in unit_names}
@@ -213,10 +229,11 @@ def other_members(node) -> None:
         return
     st.markdown("**Members with the most influence** (not listed as nodes; promote one to see its edges)")
     for i, m in enumerate(members):
-        st.button(f"↑ L{node.layer} N{m['neuron']}: influence {m['influence']:.3g}, direct effect on the targets "
-                  f"{m['logit_effect']:+.3g}, activation {m['activation']:.3g}", key=f"promote_{i}",
-                  on_click=promote, args=(node.layer, node.ctx_idx, m["neuron"]),
-                  disabled=graph is None, help="Recompute the graph with this neuron as a node.")
+        m = {"unit": m.get("neuron"), **m}  # graphs saved before 2026-11-23 name the member "neuron"
+        st.button(f"↑ L{node.layer} {unit_word[0].upper()}{m['unit']}: influence {m['influence']:.3g}, direct effect "
+                  f"on the targets {m['logit_effect']:+.3g}, activation {m['activation']:.3g}", key=f"promote_{i}",
+                  on_click=promote, args=(node.layer, node.ctx_idx, m["unit"]),
+                  disabled=graph is None, help=f"Recompute the graph with this {unit_word} as a node.")
 
 
 with right:
@@ -229,7 +246,9 @@ with right:
         facts = st.columns(3)
         if node.activation is not None:
             facts[0].metric(
-                "Activation" if node.kind == "neuron" else "Effect on the targets", f"{node.activation:.4g}"
+                "Activation" if node.kind == "neuron" else "Effect on the targets", f"{node.activation:.4g}",
+                help=None if node.kind == "neuron" else "What this node writes, projected on the gradient of the "
+                "weighted targets through every later path of the linearized model."
             )
         if node.influence is not None:
             facts[1].metric("Cumulative influence", f"{node.influence:.3f}")
@@ -248,9 +267,10 @@ with right:
         incoming = edges_of(node.node_id, view.links, "in")
         if graph is not None and incoming and node.kind != "supernode" and not grouped:
             show_edge_heads(node.node_id, incoming)
-        if node.kind == "neuron" and meta.get("scan") == handle.name:
-            st.markdown("**Neuron dashboard**")
-            unit_panel(handle, selection.text, node.layer, node.feature, "graph_unit")
+        if node.kind == "neuron" and meta.get("scan") == handle.name \
+                and (feature_units is not None or meta.get("basis") != "transcoders"):
+            st.markdown(f"**{unit_word.capitalize()} dashboard**")
+            unit_panel(handle, selection.text, node.layer, node.feature, "graph_unit", units=feature_units)
 
 
 def neuron_triples(ids: list[str]) -> list[tuple[int, int, int]]:
@@ -261,7 +281,9 @@ def neuron_triples(ids: list[str]) -> list[tuple[int, int, int]]:
     return [(n.layer, n.ctx_idx, n.feature) for n in nodes if n and n.kind == "neuron"]
 
 
-if meta.get("scan") == handle.name:
+if meta.get("basis") == "transcoders":
+    st.caption("Interventions act on neurons and heads; on transcoder features they are not available yet.")
+elif meta.get("scan") == handle.name:
     intervene_panel(handle, selection.text, selection.target or None,
                     neuron_items(neuron_triples(pinned or ([selected] if selected else []))), "graph_intervene",
                     extra={"selection": {"method": "graph", "max_nodes": int(st.session_state.url_k)}})
@@ -288,8 +310,8 @@ with pin_cols[1]:
             set_url_state("supernodes", supernodes[:i] + supernodes[i + 1:], json.dumps)
             st.rerun()
 
-all_names = neuron_labels(handle, [(n.layer, n.feature) for n in full_view.nodes if n.kind == "neuron"]) \
-    if meta.get("scan") == handle.name else {}
+all_names = neuron_labels(handle, [(n.layer, n.feature) for n in full_view.nodes if n.kind == "neuron"],
+                          feature_units) if meta.get("scan") == handle.name else {}
 clerps = {**{n.node_id: all_names[(n.layer, n.feature)] for n in full_view.nodes
              if n.kind == "neuron" and (n.layer, n.feature) in all_names}, **node_labels()}
 exported = to_graph_json(full_view, pinned=pinned, supernodes=supernodes, clicked=selected, clerps=clerps)

@@ -103,16 +103,17 @@ def index_status_box(handle: ModelHandle, corpus: Corpus, key: str, start: bool 
     live()
 
 
-def neuron_labels(handle: ModelHandle, neurons: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
-    """Labels {(layer, neuron): label} of these neurons: edited ones, else automatic (needs the
-    index); empty when there is no index yet."""
-    index = show_user_errors(find_index, handle, active_corpus())
+def neuron_labels(handle: ModelHandle, neurons: list[tuple[int, int]],
+                  units: UnitSet | None = None) -> dict[tuple[int, int], str]:
+    """Labels {(layer, unit): label} of these neurons (or features of ``units``): edited ones,
+    else automatic (needs the index); empty when there is no index yet."""
+    index = show_user_errors(find_index, handle, active_corpus(), units)
     if index is None or not neurons:
         return {}
     wanted = list(dict.fromkeys(neurons))
-    automatic = show_user_errors(auto_labels, handle, index, wanted) or {}
-    edited = edited_labels(handle)
-    units = Neurons.of(handle)
+    automatic = show_user_errors(auto_labels, handle, index, wanted, units) or {}
+    edited = edited_labels(handle, units)
+    units = units or Neurons.of(handle)
     named = {(layer, neuron): units.name(layer, neuron) for layer, neuron in wanted}
     return {key: edited.get(name) or automatic.get(name, "") for key, name in named.items()
             if edited.get(name) or automatic.get(name)}

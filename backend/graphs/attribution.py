@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from backend.errors import UserInputError
 from backend.graphs.graph import AttributionGraph
 from backend.runtime.cache import cached
-from backend.runtime.hooks import Hook
+from backend.runtime.hooks import Hook, read_site
 from backend.runtime.linearize import Leaves, LinearRun, linear_forward, record_frozen
 from backend.runtime.models import ModelHandle, Progress
 from backend.runtime.prompts import encode_prompt, resolve_token, starts_with_special, token_text, token_texts
@@ -177,6 +178,40 @@ class RowStore:
         return reach @ normalized[:, :cand.shape[1]]
 
 
+def add_logit_rows(store: RowStore, maker, values: torch.Tensor, at_zero: torch.Tensor, batch_size: int) -> int:
+    """The rows of the logit targets (``values`` in the replay's graph, ``at_zero`` their
+    biases); returns the number of batches."""
+    bias = at_zero.detach().cpu().numpy()
+    for start in range(0, len(values), batch_size):
+        part = slice(start, min(len(values), start + batch_size))
+        store.add(maker.contributions(values[part]), values[part].detach().cpu().numpy(), bias[part],
+                  [("logit", t) for t in range(part.start, part.stop)])
+    return math.ceil(len(values) / batch_size)
+
+
+def grow_rows(store: RowStore, maker, row_values: Callable[[np.ndarray], tuple[torch.Tensor, np.ndarray]], k: int,
+              batch_size: int, weights: list[float], forced: list[int], progress: Callable[[int], None]) -> np.ndarray:
+    """circuit-tracer's selection: ``forced`` candidates first, then batch by batch the
+    unvisited candidates with the largest influence through the rows so far, until ``k``
+    have rows. ``row_values(chosen)`` gives their values (in the replay's autograd graph)
+    and biases; ``progress(batches done)``. Returns the visited mask."""
+    visited = np.zeros(len(store.site_of_candidate), dtype=bool)
+    batches = 0
+    while visited.sum() < k:
+        if forced:
+            chosen, forced = np.array(forced[:batch_size]), forced[batch_size:]
+        else:
+            order = np.argsort(-store.influence(weights), kind="stable")
+            chosen = order[~visited[order]][:min(batch_size, k - int(visited.sum()))]
+        visited[chosen] = True
+        values, bias = row_values(chosen)
+        store.add(maker.contributions(values), values.detach().cpu().numpy(), bias,
+                  [("neuron", int(i)) for i in chosen])
+        batches += 1
+        progress(batches)
+    return visited
+
+
 # ---------------------------------------------------------------- the computation
 
 
@@ -205,15 +240,20 @@ def other_value(handle: ModelHandle, neurons: torch.Tensor, unselected: torch.Te
     return (neurons * unselected) @ (handle.adapter.down_proj_weight(layer).T @ direction)
 
 
-def total_effects(handle: ModelHandle, frozen, matrix: torch.Tensor,
-                   weights: list[float]) -> tuple[dict[tuple[int, int], torch.Tensor], np.ndarray]:
+def total_effects(handle: ModelHandle, frozen, matrix: torch.Tensor, weights: list[float],
+                  at: str = "down_proj") -> tuple[dict[tuple[int, int], torch.Tensor], np.ndarray]:
     """Through every path of the linearized model (MLPs included): the gradient v(l, p) of
-    the weighted logit targets w.r.t. each MLP's down-projection output, and each token
-    embedding's exact contribution to them (gradient × embedding; with the bias they sum
-    to the weighted targets' value)."""
+    the weighted logit targets w.r.t. each MLP's down-projection output (``at="mlp_out"``:
+    what the MLP adds to the residual stream; they differ where a norm follows the MLP, as
+    in Gemma), and each token embedding's exact contribution to them (gradient ×
+    embedding; with the bias they sum to the weighted targets' value)."""
     kept: list = [None] * handle.adapter.n_layers
-    hooks = [Hook(parts.down_proj, "forward", partial(_keep_output, kept, layer))
-             for layer, parts in enumerate(handle.adapter.layers)]
+    if at == "mlp_out":
+        hooks = [read_site(handle.adapter.site("mlp_out", layer), partial(_keep, kept, layer))
+                 for layer in range(handle.adapter.n_layers)]
+    else:
+        hooks = [Hook(parts.down_proj, "forward", partial(_keep_output, kept, layer))
+                 for layer, parts in enumerate(handle.adapter.layers)]
     with handle.lock:
         total = linear_forward(handle, frozen, direct=False, extra_hooks=hooks)
     objective = (torch.tensor(weights, device=matrix.device) * (total.logits[0] @ matrix.T)).sum()
@@ -225,6 +265,10 @@ def total_effects(handle: ModelHandle, frozen, matrix: torch.Tensor,
 
 def _keep_output(store: list, layer: int, module, args, output) -> None:
     store[layer] = output
+
+
+def _keep(store: list, layer: int, tensor: torch.Tensor) -> None:
+    store[layer] = tensor
 
 
 def _compute(handle: ModelHandle, prompt: str, target: str | None, wrong: str | None, max_nodes: int,
@@ -264,35 +308,15 @@ def _compute(handle: ModelHandle, prompt: str, target: str | None, wrong: str | 
     maker = RowMaker(run, c)
     k = min(max_nodes, n_cand)
     n_batches = math.ceil(len(infos) / batch_size) + math.ceil(k / batch_size)
-    done = 0
 
     progress(0.1, "Logit rows")
-    logit_values = run.logits[0] @ matrix.T
-    logit_bias = (at_zero.logits[0] @ matrix.T).detach().cpu().numpy()
-    for start in range(0, len(infos), batch_size):
-        part = slice(start, min(len(infos), start + batch_size))
-        store.add(maker.contributions(logit_values[part]), logit_values[part].detach().cpu().numpy(),
-                  logit_bias[part], [("logit", t) for t in range(part.start, part.stop)])
-        done += 1
+    done = add_logit_rows(store, maker, run.logits[0] @ matrix.T, at_zero.logits[0] @ matrix.T, batch_size)
 
-    visited = np.zeros(n_cand, dtype=bool)
     index_of = {tuple(unit): i for i, unit in enumerate(candidates.tolist())}
-    forced = [index_of[unit] for unit in include]
-    while visited.sum() < k:
-        if forced:
-            chosen, forced = np.array(forced[:batch_size]), forced[batch_size:]
-        else:
-            order = np.argsort(-store.influence(weights), kind="stable")
-            chosen = order[~visited[order]][:min(batch_size, k - int(visited.sum()))]
-        visited[chosen] = True
-        units = c[torch.as_tensor(chosen, device=c.device)]
-        values = torch.stack([run.neurons[l][0, p, j] for l, p, j in units.tolist()])
-        bias = zero_grid[units[:, 0], units[:, 1], units[:, 2]].cpu().numpy()
-        store.add(
-            maker.contributions(values), values.detach().cpu().numpy(), bias, [("neuron", int(i)) for i in chosen]
-        )
-        done += 1
-        progress(0.1 + 0.5 * done / max(n_batches, 1), f"Neuron rows: batch {done}/{n_batches}")
+    visited = grow_rows(store, maker, partial(_neuron_rows, run.neurons, zero_grid, c), k, batch_size, weights,
+                        [index_of[unit] for unit in include],
+                        lambda batch: progress(0.1 + 0.5 * (done + batch) / max(n_batches, 1),
+                                               f"Neuron rows: batch {done + batch}/{n_batches}"))
 
     influence = store.influence(weights)
     selected = np.flatnonzero(visited)  # candidates are sorted, so the features are too
@@ -339,6 +363,14 @@ def _compute(handle: ModelHandle, prompt: str, target: str | None, wrong: str | 
     graph.timings = {"total_s": time.perf_counter() - started}
     progress(1.0, "Graph ready")
     return graph
+
+
+def _neuron_rows(neurons: list[torch.Tensor], zero_grid: torch.Tensor, candidates: torch.Tensor,
+                 chosen: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """The chosen candidates' values in the replay's graph, and their biases."""
+    units = candidates[torch.as_tensor(chosen, device=candidates.device)]
+    values = torch.stack([neurons[l][0, p, j] for l, p, j in units.tolist()])
+    return values, zero_grid[units[:, 0], units[:, 1], units[:, 2]].cpu().numpy()
 
 
 def _assemble(handle, prompt, ids, infos, weights, features, stores, other_values, embed_norms, other_inputs,
@@ -391,7 +423,7 @@ def _members(candidates: torch.Tensor, cand_values: np.ndarray, influence: np.nd
         layer, pos, neuron = candidates[i].tolist()
         members = by_site.setdefault(f"{layer},{pos}", [])
         if len(members) < MEMBERS:
-            members.append({"neuron": neuron, "activation": float(cand_values[i]), "influence": float(influence[i]),
+            members.append({"unit": neuron, "activation": float(cand_values[i]), "influence": float(influence[i]),
                             "logit_effect": float(effect[i])})
     return by_site
 

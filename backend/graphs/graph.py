@@ -12,6 +12,10 @@ Nodes, in this order (rows = targets, columns = sources of ``adjacency``):
   upstream nodes under the linearization), so each source's edge is its effect on the
   targets through this node; without, it is circuit-tracer's error node (no inputs). The
   sink position's "other" nodes never have inputs (circuit-tracer zeroes BOS features);
+- with transcoders (basis "transcoders", see features.py) the unit nodes are active
+  transcoder features and a (layer, position)'s "other" node is its error node: the MLP's
+  output minus the transcoder's reconstruction, plus the active features not among the K;
+  it never has inputs;
 - the bias node carries each node's constant term (zero for bias-free models such as Llama);
 - logit targets: the top logits up to 95% probability (at most 10), or one chosen token, or
   the difference of two tokens' logits.
@@ -49,6 +53,17 @@ class AttributionGraph(JsonResult):
     )  # "layer,pos" -> top members [{neuron, activation, influence, logit_effect}]
     settings: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    basis: str = "neurons"  # "neurons" | "transcoders" (unit nodes are transcoder features)
+    transcoders: str = ""  # the transcoder set's folder, with basis "transcoders"
+
+    @property
+    def unit_letter(self) -> str:
+        return "F" if self.basis == "transcoders" else "N"
+
+    @property
+    def rest_name(self) -> str:
+        """What a (layer, position)'s node beside the unit nodes holds."""
+        return "error" if self.basis == "transcoders" else "other"
 
     # ------------------------------------------------------------ node layout
     @property
@@ -119,9 +134,9 @@ class AttributionGraph(JsonResult):
         kind = self.node_kind(index)
         layer, pos = self.node_position(index)
         if kind == "neuron":
-            return f"L{layer} N{self.features[index][2]} @{pos}"
+            return f"L{layer} {self.unit_letter}{self.features[index][2]} @{pos}"
         if kind == "other":
-            return f"L{layer} other @{pos}"
+            return f"L{layer} {self.rest_name} @{pos}"
         if kind == "embedding":
             return f"emb {self.tokens[pos]!r} @{pos}"
         if kind == "bias":

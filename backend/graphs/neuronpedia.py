@@ -135,6 +135,14 @@ def _view_node(graph: AttributionGraph, index: int, influence: float) -> GraphNo
     return node
 
 
+def _feature_kind(graph: AttributionGraph) -> str:
+    if graph.basis == "transcoders":
+        return (f"transcoder feature ({graph.transcoders}); error nodes = MLP output minus reconstruction, plus the "
+                "unlisted active features (no inputs, as circuit-tracer)")
+    return ("MLP neuron (down-projection input); error nodes = other neurons"
+            + (" with exact inputs" if graph.other_inputs else " (no inputs, as circuit-tracer)"))
+
+
 def view_from_graph(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
                     max_links: int | None = None) -> GraphView:
     """Prune (no model call) and lay out as a view; ``max_links`` keeps the strongest links."""
@@ -161,8 +169,9 @@ def view_from_graph(graph: AttributionGraph, node_threshold: float = 0.8, edge_t
         "node_threshold": node_threshold,
         "edge_threshold": edge_threshold,
         "n_layers": graph.n_layers,
-        "feature_kind": "MLP neuron (down-projection input); error nodes = other neurons"
-                        + (" with exact inputs" if graph.other_inputs else " (no inputs, as circuit-tracer)"),
+        "feature_kind": _feature_kind(graph),
+        "basis": graph.basis,
+        "transcoders": graph.transcoders,
         "sink": graph.sink,
         "scores": graph_scores(graph),
         "timings": dict(graph.timings),

@@ -102,6 +102,12 @@ class TranscoderSet:
             out = out + x.to(t.W_skip.dtype) @ t.W_skip.T
         return out
 
+    def to(self, device: torch.device) -> TranscoderSet:
+        """Move every layer to ``device`` (in place: a set is large; the cached set follows
+        the model it serves)."""
+        self.layers = [_moved(t, device) if t.W_enc.device != device else t for t in self.layers]
+        return self
+
     def digest(self) -> str:
         """A hash of the weights (index keys: another set is another index)."""
         h = hashlib.sha256(f"{self.activation}:{self.k}:{self.input_hook}:{self.output_hook}".encode())
@@ -333,10 +339,9 @@ class TranscoderFeatures(UnitSet):
     def hooks(self, handle: ModelHandle, record: Record) -> list[Hook]:
         site = INPUT_HOOKS[self.transcoders.input_hook]
 
+        self.transcoders.to(handle.device)
+
         def read(layer: int, x: torch.Tensor) -> None:
-            t = self.transcoders.layers[layer]
-            if t.W_enc.device != x.device:
-                self.transcoders.layers[layer] = t = _moved(t, x.device)
             record(layer, self.transcoders.encode(layer, x))
 
         return [read_site(handle.adapter.site(site, layer), lambda x, layer=layer: read(layer, x))

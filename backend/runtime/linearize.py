@@ -77,8 +77,9 @@ def _gains(act, g: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def record_frozen(handle: ModelHandle, input_ids: torch.Tensor) -> Frozen:
-    """Run the clean prompt (batch 1) and keep the frozen quantities."""
+def record_frozen(handle: ModelHandle, input_ids: torch.Tensor, extra_hooks: list[Hook] | None = None) -> Frozen:
+    """Run the clean prompt (batch 1) and keep the frozen quantities; ``extra_hooks`` may
+    read more of the same clean run."""
     frozen = Frozen(input_ids=input_ids)
     mlp_inputs: dict[int, torch.Tensor] = {}
 
@@ -92,7 +93,7 @@ def record_frozen(handle: ModelHandle, input_ids: torch.Tensor) -> Frozen:
     for parts in handle.adapter.layers:
         hooks += [Hook(module, "forward", partial(keep_output, frozen.qk)) for module, _ in parts.qk]
         hooks += [Hook(m, "forward", partial(keep_output, mlp_inputs)) for m in (parts.gate, parts.up) if m is not None]
-    with hooked(handle, hooks):
+    with hooked(handle, hooks + list(extra_hooks or [])):
         handle.adapter.base(input_ids, use_cache=False)
     for parts in handle.adapter.layers:
         up = mlp_inputs[id(parts.up)] if parts.up is not None else None
@@ -146,6 +147,12 @@ class LinearReplay:
     def _keep(self, store: list, index: int, tensor: torch.Tensor) -> None:
         store[index] = tensor
 
+    def _mlp_hooks(self, layer: int) -> list[Hook]:
+        """The MLP with its gains frozen; in direct mode its neurons are leaves."""
+        parts = self.handle.adapter.layers[layer]
+        hooks = [Hook(m, "forward", self._keep_mlp_input) for m in (parts.gate, parts.up) if m is not None]
+        return hooks + [Hook(parts.down_proj, "pre", partial(self._replay_neurons, layer))]
+
     def hooks(self) -> list[Hook]:
         adapter = self.handle.adapter
         hooks = [Hook(m, "forward", self._replay_norm) for m in norm_modules(adapter.base)]
@@ -153,8 +160,7 @@ class LinearReplay:
         for layer, parts in enumerate(adapter.layers):
             if self.freeze_attention:
                 hooks += [Hook(module, "forward", partial(self._replay_qk, mask)) for module, mask in parts.qk]
-            hooks += [Hook(m, "forward", self._keep_mlp_input) for m in (parts.gate, parts.up) if m is not None]
-            hooks.append(Hook(parts.down_proj, "pre", partial(self._replay_neurons, layer)))
+            hooks += self._mlp_hooks(layer)
             if self.heads is not None:
                 hooks.append(read_site(adapter.site("heads", layer), partial(self._keep, self.heads, layer)))
             if self.reads is not None:
@@ -163,13 +169,19 @@ class LinearReplay:
             hooks.append(read_site(adapter.site("final"), partial(self._keep, self.reads, adapter.n_layers)))
         return hooks
 
-    def run(self, batch: int = 1, extra_hooks: list[Hook] | None = None) -> LinearRun:
-        """The replay (with gradients); ``extra_hooks`` run after the replay's own."""
+    def forward(self, batch: int = 1, extra_hooks: list[Hook] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The replay (with gradients): the final-normed residual stream and the last
+        position's logits; ``extra_hooks`` run after the replay's own."""
         adapter = self.handle.adapter
         input_ids = self.frozen.input_ids.expand(batch, -1)
         with hooked(self.handle, self.hooks() + list(extra_hooks or [])), torch.enable_grad():
             final = adapter.base(input_ids, use_cache=False).last_hidden_state
             logits = adapter.unembed(final[:, -1])
+        return final, logits
+
+    def run(self, batch: int = 1, extra_hooks: list[Hook] | None = None) -> LinearRun:
+        """The replay as a LinearRun (see ``forward``)."""
+        final, logits = self.forward(batch, extra_hooks)
         return LinearRun(embed=self.embed, neurons=self.neurons, neuron_inputs=self.neuron_inputs, final=final,
                          logits=logits, heads=self.heads, reads=self.reads)
 

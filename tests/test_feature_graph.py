@@ -1,0 +1,202 @@
+"""Transcoder-feature graphs: every edge and bias equal to the local replacement model
+written independently from the weights (tests/manual.py plus the transcoder formula),
+conservation, circuit-tracer's error nodes with K = every active feature, the sink, forced
+features and the JSON round trip (SmolLM2 and the CLI: test_transcoders_smollm2.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from backend.errors import UserInputError
+from backend.graphs.features import feature_graph
+from backend.graphs.graph import AttributionGraph
+from backend.graphs.neuronpedia import parse_graph_json, to_graph_json, view_from_graph
+from backend.graphs.prune import graph_scores
+from tests.manual import ManualModel
+from tests.test_graph import PROMPT, relative_conservation_error
+from tests.test_transcoders import layer_tensors, write_set
+from tests.tiny import tiny_handle
+
+D_MODEL = 32  # tests/tiny.py
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_handle("llama")
+
+
+@pytest.fixture(scope="module")
+def skip_set(tmp_path_factory):
+    """A relu set with skip connections for the 3-layer tiny Llama, scaled like a trained
+    set (writes the size of the MLP's; unscaled random weights grow the residual stream
+    10^5-fold over three layers and the logits become float32 cancellation noise)."""
+    layers = [layer_tensors(10 + i, d_model=D_MODEL, skip=True) for i in range(3)]
+    for t in layers:
+        t["W_dec"] *= 0.05
+        t["W_skip"] *= 0.02
+        t["b_dec"] *= 0.05
+    folder = tmp_path_factory.mktemp("tc") / "skip"
+    write_set(folder, layers)
+    return folder, layers
+
+
+class ReplacementBrute:
+    """circuit-tracer's local replacement model, by hand: each MLP's output is
+    Σ a_f W_dec[f] + b_dec + h W_skipᵀ + error (a and error fixed at their clean values),
+    attention and norms frozen (ManualModel). Setting a source to zero and re-running gives
+    its edge into every node; everything at zero gives the biases."""
+
+    def __init__(self, handle, graph: AttributionGraph, layers: list[dict]) -> None:
+        self.graph, self.layers = graph, layers
+        self.model = ManualModel(handle.model, "llama")
+        self.clean, out = self.model.clean(graph.token_ids)
+        self.embed = self.model.embed(graph.token_ids).detach()
+        inputs: dict[int, torch.Tensor] = {}
+
+        def real_mlp(layer: int, h: torch.Tensor) -> torch.Tensor:
+            inputs[layer] = h
+            return self.model._down(layer, self.model._mlp(layer, h, self.clean, None))
+
+        with torch.no_grad():
+            clean_out = self.model.run(self.clean, self.embed, mlp_outputs=real_mlp)
+            self.acts, self.errors = {}, {}
+            for layer, t in enumerate(layers):
+                h = inputs[layer]
+                a = torch.relu(h @ t["W_enc"].T + t["b_enc"])
+                if graph.sink is not None:
+                    a[graph.sink] = 0.0
+                real = self.model._down(layer, self.model._mlp(layer, h, self.clean, None))
+                self.acts[layer] = a
+                self.errors[layer] = real - (a @ t["W_dec"] + t["b_dec"] + h @ t["W_skip"].T)
+        vocab = clean_out.logits.shape[-1]
+        self.matrix = torch.full((len(graph.logit_targets), vocab), -1.0 / vocab)
+        for i, info in enumerate(graph.logit_targets):
+            self.matrix[i, info["id"]] += 1.0
+        self.selected = {(l, p, f) for l, p, f in graph.features}
+
+    def values(self, embed, acts, errors, biases: bool = True) -> np.ndarray:
+        graph, inputs = self.graph, {}
+
+        def replaced(layer: int, h: torch.Tensor) -> torch.Tensor:
+            t = self.layers[layer]
+            inputs[layer] = h
+            return acts[layer] @ t["W_dec"] + t["b_dec"] + h @ t["W_skip"].T + errors[layer]
+
+        with torch.no_grad():
+            out = self.model.run(self.clean, embed, mlp_outputs=replaced)
+        values = np.zeros(graph.n_nodes)
+        for i, (layer, pos, feature) in enumerate(graph.features):
+            t = self.layers[layer]
+            values[i] = inputs[layer][pos] @ t["W_enc"][feature] + t["b_enc"][feature]
+        values[graph.logit_slice] = (self.matrix @ out.logits[-1]).numpy()
+        return values
+
+    def clean_values(self) -> np.ndarray:
+        return self.values(self.embed, self.acts, self.errors)
+
+    def edge_column(self, source: int) -> np.ndarray:
+        graph = self.graph
+        embed = self.embed.clone()
+        acts = {l: a.clone() for l, a in self.acts.items()}
+        errors = {l: e.clone() for l, e in self.errors.items()}
+        kind = graph.node_kind(source)
+        layer, pos = graph.node_position(source)
+        if kind == "embedding":
+            embed[pos] = 0.0
+        elif kind == "neuron":
+            acts[layer][pos, graph.features[source][2]] = 0.0
+        else:  # the error node: the error and every active feature of its site not among the nodes
+            errors[layer][pos] = 0.0
+            for feature in range(acts[layer].shape[1]):
+                if (layer, pos, feature) not in self.selected:
+                    acts[layer][pos, feature] = 0.0
+        return self.clean_values() - self.values(embed, acts, errors)
+
+    def biases(self) -> np.ndarray:
+        return self.values(torch.zeros_like(self.embed), {l: torch.zeros_like(a) for l, a in self.acts.items()},
+                           {l: torch.zeros_like(e) for l, e in self.errors.items()})
+
+
+def test_feature_edges_and_biases_equal_the_replacement_model_by_hand(llama, skip_set):
+    folder, layers = skip_set
+    graph = feature_graph(llama, PROMPT, str(folder), max_nodes=12, batch_size=5)
+    assert graph.basis == "transcoders" and graph.n_features == 12
+    brute = ReplacementBrute(llama, graph, layers)
+    rows = graph.target_rows()
+    assert rows == list(range(12)) + list(range(graph.logit_slice.start, graph.n_nodes))  # errors: no inputs
+    scale = np.abs(graph.adjacency[rows]).max()
+    sources = list(range(graph.n_features)) + list(range(graph.embed_slice.start, graph.embed_slice.stop))
+    sources += [graph.other_index(l, p) for l in range(graph.n_layers) for p in (0, 4, graph.n_pos - 1)]
+    for source in sources:
+        np.testing.assert_allclose(graph.adjacency[rows, source], brute.edge_column(source)[rows], atol=2e-5 * scale,
+                                   err_msg=graph.node_label(source))
+    np.testing.assert_allclose(graph.adjacency[rows, graph.bias_index], brute.biases()[rows], atol=2e-5 * scale)
+    np.testing.assert_allclose(graph.node_values[rows], brute.clean_values()[rows],
+                               atol=2e-5 * np.abs(graph.node_values[rows]).max())
+    np.testing.assert_allclose(graph.activations, [float(brute.acts[l][p, f]) for l, p, f in graph.features],
+                               rtol=1e-5)
+    assert relative_conservation_error(graph) < 1e-4
+
+
+def test_with_every_active_feature_the_error_nodes_are_circuit_tracers(llama, skip_set):
+    """K = every active feature: each error column is the error alone (no unselected
+    feature is folded in), and the node count is the active count."""
+    folder, layers = skip_set
+    graph = feature_graph(llama, PROMPT, str(folder), max_nodes=5000, batch_size=64)
+    brute = ReplacementBrute(llama, graph, layers)
+    active = sum(int((a != 0).sum()) for a in brute.acts.values())
+    assert graph.n_features == active == graph.settings["candidates"]
+    rows = graph.target_rows()
+    for layer in range(graph.n_layers):
+        errors = {l: e.clone() for l, e in brute.errors.items()}
+        errors[layer][3] = 0.0
+        column = brute.clean_values() - brute.values(brute.embed, brute.acts, errors)
+        np.testing.assert_allclose(graph.adjacency[rows, graph.other_index(layer, 3)], column[rows],
+                                   atol=2e-5 * np.abs(graph.adjacency[rows]).max())
+    assert 0 < graph_scores(graph)["replacement"] < 1
+
+
+def test_selection_order_and_forced_features(llama, skip_set):
+    folder, _ = skip_set
+    small = feature_graph(llama, PROMPT, str(folder), max_nodes=6, batch_size=3)
+    large = feature_graph(llama, PROMPT, str(folder), max_nodes=12, batch_size=3)
+    assert {tuple(f) for f in small.features} <= {tuple(f) for f in large.features}  # chosen by influence, greedily
+    active = {tuple(f) for f in feature_graph(llama, PROMPT, str(folder), max_nodes=5000).features}
+    outside = sorted(active - {tuple(f) for f in small.features})[0]
+    forced = feature_graph(llama, PROMPT, str(folder), max_nodes=6, include=[outside], batch_size=3)
+    assert list(outside) in forced.features and forced.n_features == 7
+    assert relative_conservation_error(forced) < 1e-4
+    inactive = next((0, p, f) for p in range(forced.n_pos) for f in range(12) if (0, p, f) not in active)
+    with pytest.raises(UserInputError, match="not active"):
+        feature_graph(llama, PROMPT, str(folder), max_nodes=6, include=[inactive])
+
+
+def test_the_sink_holds_no_feature_and_its_error_node_takes_them(llama, skip_set):
+    folder, layers = skip_set
+    prompt = "<eos>" + PROMPT  # the tiny tokenizer's special token in front, as a BOS
+    graph = feature_graph(llama, prompt, str(folder), max_nodes=5000)
+    assert graph.sink == 0 and graph.features and all(pos != 0 for _, pos, _ in graph.features)
+    brute = ReplacementBrute(llama, graph, layers)  # zeroes the sink's features into its errors
+    rows = graph.target_rows()
+    for layer in range(graph.n_layers):
+        np.testing.assert_allclose(graph.adjacency[rows, graph.other_index(layer, 0)],
+                                   brute.edge_column(graph.other_index(layer, 0))[rows],
+                                   atol=2e-5 * np.abs(graph.adjacency[rows]).max())
+    assert relative_conservation_error(graph) < 1e-4
+
+
+def test_feature_graph_json_round_trip_keeps_the_basis(llama, skip_set):
+    folder, _ = skip_set
+    graph = feature_graph(llama, PROMPT, str(folder), max_nodes=8)
+    again = AttributionGraph.from_json(graph.to_json())
+    assert again.basis == "transcoders" and again.transcoders == str(folder)
+    assert again.node_label(0).startswith(f"L{graph.features[0][0]} F")
+    exported = to_graph_json(view_from_graph(graph, 0.8, 0.98))
+    assert exported["metadata"]["basis"] == "transcoders"
+    assert exported["metadata"]["transcoders"] == str(folder)
+    view = parse_graph_json(json.dumps(exported))
+    assert view.metadata["basis"] == "transcoders"
