@@ -200,3 +200,19 @@ def test_feature_graph_json_round_trip_keeps_the_basis(llama, skip_set):
     assert exported["metadata"]["transcoders"] == str(folder)
     view = parse_graph_json(json.dumps(exported))
     assert view.metadata["basis"] == "transcoders"
+
+
+def test_ln2_hook_normalized_reads_the_rms_norm_before_its_gain(llama, skip_set, tmp_path):
+    """TransformerLens's ln2.hook_normalized precedes an RMSNorm's weight w: a set reading
+    there equals a set on mlp.hook_in whose W_enc and W_skip columns are divided by w (the
+    tiny model's norm weights are random, so reading the wrong tensor changes the graph)."""
+    folder, layers = skip_set
+    gains = [llama.adapter.layers[l].mlp_norm.weight.detach() for l in range(3)]
+    assert not torch.allclose(gains[0], torch.ones_like(gains[0]))
+    write_set(tmp_path / "normalized", layers, feature_input_hook="ln2.hook_normalized")
+    folded = [{**t, "W_enc": t["W_enc"] / g, "W_skip": t["W_skip"] / g} for t, g in zip(layers, gains)]
+    write_set(tmp_path / "folded", folded)
+    a = feature_graph(llama, PROMPT, str(tmp_path / "normalized"), max_nodes=10)
+    b = feature_graph(llama, PROMPT, str(tmp_path / "folded"), max_nodes=10)
+    assert a.features == b.features
+    np.testing.assert_allclose(a.adjacency, b.adjacency, atol=1e-4 * np.abs(b.adjacency).max())

@@ -41,7 +41,7 @@ from backend.graphs.attribution import (
     total_effects,
 )
 from backend.graphs.graph import AttributionGraph
-from backend.replacement.transcoders import INPUT_HOOKS, TranscoderSet, open_transcoders
+from backend.replacement.transcoders import TranscoderSet, open_transcoders, read_input
 from backend.runtime.cache import cached
 from backend.runtime.hooks import Hook, edit_site, read_site
 from backend.runtime.linearize import LinearReplay, record_frozen
@@ -64,10 +64,8 @@ class TranscoderReplay(LinearReplay):
         self.write_leaves: list = [None] * n_layers
 
     def _mlp_hooks(self, layer: int) -> list[Hook]:
-        adapter = self.handle.adapter
-        return [read_site(adapter.site(INPUT_HOOKS[self.transcoders.input_hook], layer),
-                          partial(self._keep, self.inputs, layer)),
-                edit_site(adapter.site("mlp_out", layer), partial(self._replace, layer))]
+        return [read_input(self.handle, self.transcoders, layer, partial(self._keep, self.inputs, layer)),
+                edit_site(self.handle.adapter.site("mlp_out", layer), partial(self._replace, layer))]
 
     def _replace(self, layer: int, output: torch.Tensor) -> torch.Tensor:
         t = self.transcoders.layers[layer]
@@ -120,7 +118,7 @@ def _clean_transcoder_run(handle: ModelHandle, input_ids: torch.Tensor, transcod
     outputs: list = [None] * adapter.n_layers
     hooks = []
     for layer in range(adapter.n_layers):
-        hooks.append(read_site(adapter.site(INPUT_HOOKS[transcoders.input_hook], layer), partial(_keep, inputs, layer)))
+        hooks.append(read_input(handle, transcoders, layer, partial(_keep, inputs, layer)))
         hooks.append(read_site(adapter.site("mlp_out", layer), partial(_keep, outputs, layer)))
     frozen = record_frozen(handle, input_ids, extra_hooks=hooks)
     activations, writes = [], []

@@ -21,9 +21,11 @@ Read from a local folder (safetensors and npz only, never pickles):
   ``w_dec``, ``b_enc``, ``b_dec``, ``threshold``, optional ``affine_skip_connection``),
   listed in ``transcoders``.
 Hook names (TransformerLens', as circuit-tracer's configs use them) map onto the adapter's
-sites: ``mlp.hook_in`` / ``ln2.hook_normalized`` = the MLP's input after its norm,
-``hook_resid_mid`` = the residual stream before it, ``mlp.hook_out`` / ``hook_mlp_out`` = the
-MLP's output. Cross-layer transcoders are refused with a message (not supported yet).
+sites: ``mlp.hook_in`` = the MLP's input after its norm, ``ln2.hook_normalized`` = the same
+before the norm's gain for an RMSNorm (TransformerLens applies the weight after that hook,
+and circuit-tracer reads RMSNorm's ``_norm`` output there; for LayerNorm the hook follows
+weight and bias), ``hook_resid_mid`` = the residual stream before the norm, ``mlp.hook_out``
+/ ``hook_mlp_out`` = the MLP's output. Cross-layer transcoders are refused with a message (not supported yet).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from backend.runtime import config
 from backend.runtime.cache import cache_named
 from backend.runtime.hooks import Hook, read_site
 from backend.runtime.models import ModelHandle
+from backend.runtime.norms import norm_parts
 from backend.units.unitset import Record, UnitSet
 
 ACTIVATIONS = ("relu", "jumprelu", "topk", "relu_topk")
@@ -272,6 +275,24 @@ def _hook_name(name) -> str:
     return ".".join(parts[2:]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else text
 
 
+def read_input(handle: ModelHandle, transcoders: TranscoderSet, layer: int, fn) -> Hook:
+    """A hook calling ``fn(x)`` with layer ``layer``'s transcoder input x (in the autograd
+    graph when there is one): the site its hook names, divided by the norm's gain for
+    ``ln2.hook_normalized`` on an RMSNorm (see the module doc)."""
+    site = handle.adapter.site(INPUT_HOOKS[transcoders.input_hook], layer)
+    gain = _pre_gain(handle, transcoders, layer)
+    if gain is None:
+        return read_site(site, fn)
+    return read_site(site, lambda x: fn(x / gain.to(x.device, x.dtype)))
+
+
+def _pre_gain(handle: ModelHandle, transcoders: TranscoderSet, layer: int) -> torch.Tensor | None:
+    if transcoders.input_hook != "ln2.hook_normalized":
+        return None
+    parts = norm_parts(handle.adapter.layers[layer].mlp_norm)
+    return None if parts.centred else parts.weight
+
+
 def check_fits(transcoders: TranscoderSet, handle: ModelHandle) -> None:
     adapter = handle.adapter
     d_model = transcoders.layers[0].W_enc.shape[1]
@@ -281,6 +302,11 @@ def check_fits(transcoders: TranscoderSet, handle: ModelHandle) -> None:
     if d_model != adapter.d_model:
         raise UserInputError(f"The transcoders read vectors of size {d_model}; {handle.name}'s residual stream "
                              f"has {adapter.d_model}.")
+    for layer in range(adapter.n_layers):
+        gain = _pre_gain(handle, transcoders, layer)
+        if gain is not None and bool((gain == 0).any()):
+            raise UserInputError(f"ln2.hook_normalized of layer {layer}: the norm has a zero gain, so its input "
+                                 "before the gain cannot be read back; use a set on mlp.hook_in.")
 
 
 _sets = cache_named("transcoder sets", 2)  # a set is large (SmolLM2, 4096 features: 0.6 GB)
@@ -337,14 +363,12 @@ class TranscoderFeatures(UnitSet):
         return f"transcoders-{self.n_layers}x{self.width}-{self.transcoders.digest()}"
 
     def hooks(self, handle: ModelHandle, record: Record) -> list[Hook]:
-        site = INPUT_HOOKS[self.transcoders.input_hook]
-
         self.transcoders.to(handle.device)
 
         def read(layer: int, x: torch.Tensor) -> None:
             record(layer, self.transcoders.encode(layer, x))
 
-        return [read_site(handle.adapter.site(site, layer), lambda x, layer=layer: read(layer, x))
+        return [read_input(handle, self.transcoders, layer, lambda x, layer=layer: read(layer, x))
                 for layer in range(self.n_layers)]
 
     def output_directions(self, handle: ModelHandle, layer: int) -> torch.Tensor:
