@@ -92,6 +92,11 @@ class Graph(Command):
 
     def add_arguments(self, parser):
         S.GRAPH.add_arguments(parser)
+        parser.add_argument("--viewer", type=Path, default=None,
+                            help="also write the graph and its nodes' corpus dashboards into this folder in the "
+                                 "files circuit-tracer's local viewer serves (serve(data_dir=...)); needs the index")
+        parser.add_argument("--slug", default="circuitscope-graph", help="the graph's name in --viewer")
+        parser.add_argument("--corpus", default=None, help="the corpus whose index --viewer reads (default: sotu)")
 
     def run(self, handle, args):
         from backend.graphs.attribution import attribution_graph
@@ -106,7 +111,15 @@ class Graph(Command):
         else:
             graph = attribution_graph(handle, prompt, args.target, wrong=args.wrong or None,
                                       max_nodes=args.max_nodes, other_inputs=args.other_inputs)
-        return to_graph_json(view_from_graph(graph, args.node_threshold, args.edge_threshold))
+        exported = to_graph_json(view_from_graph(graph, args.node_threshold, args.edge_threshold))
+        if args.viewer:
+            from backend.graphs.viewer_export import export_for_viewer
+
+            units = _units(handle, args)
+            written = export_for_viewer(handle, exported, _index_for(handle, args, units), units, args.viewer,
+                                        args.slug)
+            print(f"wrote {len(written)} files for circuit-tracer's viewer into {args.viewer}", file=sys.stderr)
+        return exported
 
 
 class Paths(Command):

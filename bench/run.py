@@ -27,8 +27,9 @@ IOI = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 FRANCE = "The capital of France is"
 SECTIONS = ("load", "threads", "lens", "graph", "subject", "graph_vs_brute", "patching", "circuit", "paths",
-            "controls", "units", "index_full", "browser", "transformer_lens")
+            "controls", "units", "index_full", "browser", "transformer_lens", "transcoder_graphs", "circuit_tracer")
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # .venv + transformer-lens (make bench-venv)
+CT_PYTHON = ROOT / ".venv-ct" / "bin" / "python"  # .venv + circuit-tracer 0.5.0 (make ct-venv)
 PUBLISHED_GPT2_IOI = {"resid_pre": {"atp": 0.753, "relp": 0.968}, "attn_out": {"atp": 0.979, "relp": 0.962},
                       "mlp_out": {"atp": 0.195, "relp": 0.992}}
 
@@ -505,6 +506,133 @@ def section_transformer_lens() -> dict:
     return {"library": f"transformer-lens {version('transformer-lens')}", "patched_runs": int(ours_grid.size),
             "transformer_lens_s": tl_s, "ours_exact_s": ours_s, "transformer_lens_over_ours": tl_s / ours_s,
             "max_abs_difference_normalized": float(np.abs(tl_normalized - ours_grid).max())}
+
+
+def _default_set() -> Path:
+    from backend.runtime.config import default_transcoders_dir
+
+    folder = default_transcoders_dir()
+    if not (folder / "config.yaml").is_file():
+        raise SystemExit(f"no default transcoder set in {folder}: run `make transcoders` first")
+    return folder
+
+
+def section_transcoder_graphs() -> dict:
+    """Issue 17's outcome: on the factual SmolLM2 cases (document-start token, K = 200), the
+    graph over the default transcoder set's features against the neuron graph (error
+    semantics for both, as circuit-tracer): replacement and completeness, whether the subject
+    is the most influential context token, time; and the set's held-out FVU per layer."""
+    from backend.graphs.attribution import attribution_graph
+    from backend.graphs.features import feature_graph
+    from backend.graphs.prune import graph_scores, prune
+    from backend.replacement.transcoders import open_transcoders
+    from backend.runtime.models import get_model
+    from backend.runtime.prompts import with_bos
+
+    handle = get_model("smollm2")
+    folder = _default_set()
+    open_transcoders(folder, handle)
+    report = json.loads((folder / "report.json").read_text())
+    out: dict = {"set": {"folder": str(folder), "fvu_per_layer": [round(r["fvu"], 3) for r in report],
+                         "dead_fraction_per_layer": [round(r.get("dead_fraction", float("nan")), 3) for r in report]}}
+    totals = {basis: {"replacement": 0.0, "completeness": 0.0, "subject_first": 0, "seconds": 0.0}
+              for basis in ("neurons", "transcoders")}
+    for prompt, answer, subject in FACTUAL:
+        text = with_bos(handle, prompt)
+        row = {}
+        for basis in totals:
+            seconds, graph = timed(lambda: feature_graph(handle, text, str(folder), answer, max_nodes=200)
+                                   if basis == "transcoders" else
+                                   attribution_graph(handle, text, answer, max_nodes=200, other_inputs=False))
+            scores = graph_scores(graph)
+            context = graph.context_influence(prune(graph).influence)
+            first = graph.tokens[max(context, key=context.get)]
+            row[basis] = {"replacement": round(scores["replacement"], 3), "completeness": round(scores["completeness"], 3),
+                          "first": first, "seconds": round(seconds, 2)}
+            for key in ("replacement", "completeness"):
+                totals[basis][key] += scores[key] / len(FACTUAL)
+            totals[basis]["subject_first"] += first == subject
+            totals[basis]["seconds"] += seconds / len(FACTUAL)
+        out[prompt] = row
+    out["mean"] = totals
+    return out
+
+
+def _jumprelu_copy(handle, folder: Path, text: str, target: Path, per_token: int = 32) -> None:
+    """The set in ``folder`` rewritten with JumpReLU thresholds (circuit-tracer 0.5.0 reads
+    per-layer sets as relu or jumprelu only): per layer, the median over the prompt's tokens
+    of the ``per_token``-th largest pre-activation, so about that many features fire."""
+    import torch
+
+    from backend.replacement.transcoders import load_transcoders, read_input, save_layer, write_config
+    from backend.runtime.hooks import hooked
+    from backend.runtime.prompts import encode_prompt
+
+    transcoders = load_transcoders(folder, handle)
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [read_input(handle, transcoders, layer, lambda x, layer=layer: inputs.__setitem__(layer, x.detach()))
+             for layer in range(len(transcoders.layers))]
+    with hooked(handle, hooks), torch.no_grad():
+        handle.adapter.base(handle.ids(encode_prompt(handle, text)), use_cache=False)
+    target.mkdir(parents=True, exist_ok=True)
+    for layer, t in enumerate(transcoders.layers):
+        pre = inputs[layer][0, 1:].float() @ t.W_enc.T + t.b_enc
+        threshold = float(pre.topk(per_token, dim=-1).values[:, -1].median())
+        t.threshold = torch.full_like(t.b_enc, threshold)
+        save_layer(t, target / f"layer_{layer}.safetensors")
+    write_config(target, len(transcoders.layers), "jumprelu", None, "circuitscope-bench")
+
+
+def section_circuit_tracer() -> dict:
+    """circuit-tracer 0.5.0's attribute() (in .venv-ct) and our feature graph on SmolLM2, same
+    tokens (France, document-start token), same transcoders (a JumpReLU copy of the default
+    set), side by side: every active feature (the same graph: times and the largest
+    difference), and K = 200 at each tool's default batch size (512 theirs, 32 ours)."""
+    import numpy as np
+
+    from backend.graphs.features import feature_graph
+    from backend.replacement.transcoders import open_transcoders
+    from backend.runtime.config import cache_dir
+    from backend.runtime.models import get_model
+    from backend.runtime.prompts import encode_prompt, with_bos
+
+    if not CT_PYTHON.exists():
+        raise SystemExit("circuit-tracer's venv is missing: run `make ct-venv` first")
+    handle = get_model("smollm2")
+    text = with_bos(handle, FRANCE)
+    ids = encode_prompt(handle, text)
+    work = Path(tempfile.mkdtemp())
+    _jumprelu_copy(handle, _default_set(), text, work / "set")
+    open_transcoders(work / "set", handle)
+    model_dir = cache_dir() / "models" / "smollm2-135m-instruct"
+    out: dict = {"library": "circuit-tracer 0.5.0 (TransformerLens 2.18 backend, transformers 4.57.3)",
+                 "tokens": len(ids)}
+    for name, k, their_batch, our_batch in (("all_active", None, 32, 32), ("k200_defaults", 200, 512, 32)):
+        npz = work / f"{name}.npz"
+        command = [str(CT_PYTHON), str(ROOT / "bench" / "circuit_tracer_child.py"), str(model_dir),
+                   str(work / "set"), ",".join(map(str, ids)), str(npz), "--batch-size", str(their_batch)]
+        if k is not None:
+            command += ["--max-feature-nodes", str(k)]
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        theirs = dict(np.load(npz))
+        ours_s, ours = timed(lambda: feature_graph(handle, text, str(work / "set"), max_nodes=k or 5000,
+                                                   batch_size=our_batch))
+        row = {"max_feature_nodes": k, "batch_size_theirs": their_batch, "batch_size_ours": our_batch,
+               "circuit_tracer_s": float(theirs["attribute_s"]), "ours_s": ours_s,
+               "speedup": float(theirs["attribute_s"]) / ours_s, "active_features": len(theirs["active_features"])}
+        chosen = {tuple(f) for f in theirs["active_features"][theirs["selected_features"]].tolist()}
+        mine = {tuple(f) for f in ours.features}
+        row["selected_jaccard"] = len(chosen & mine) / len(chosen | mine)
+        if k is None and chosen == mine:
+            n, L, P, A = len(chosen), ours.n_layers, ours.n_pos, theirs["adjacency"]
+            rows_ours = list(range(n)) + list(range(ours.logit_slice.start, ours.n_nodes))
+            rows_theirs = list(range(n)) + list(range(n + L * P + P, A.shape[0]))
+            cols_ours = list(range(n)) + list(range(ours.embed_slice.start, ours.embed_slice.stop))
+            cols_theirs = list(range(n)) + list(range(n + L * P, n + L * P + P))
+            difference = np.abs(ours.adjacency[np.ix_(rows_ours, cols_ours)] - A[np.ix_(rows_theirs, cols_theirs)])
+            row["max_abs_difference_over_scale"] = float(difference.max() / np.abs(A).max())
+        out[name] = row
+    return out
 
 
 # ---------------------------------------------------------------- driver

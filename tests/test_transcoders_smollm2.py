@@ -62,3 +62,31 @@ def test_a_feature_graph_by_the_cli(smollm2, smollm2_transcoders, tmp_path):
     sums = graph.adjacency[rows].sum(axis=1)
     assert abs(sums - graph.node_values[rows]).max() < 1e-3 * abs(graph.node_values[rows]).max()
     assert graph.logit_targets[0]["token"] == " Paris"
+
+
+def test_graph_and_feature_files_for_circuit_tracers_viewer(smollm2, smollm2_transcoders, tmp_path):
+    """`graph --viewer DIR`: the graph with circuit-tracer's global feature ids and a scan
+    under graph_data, one feature file per feature node with its corpus examples, and the
+    viewer's graph list."""
+    from backend.graphs.viewer_export import cantor
+
+    viewer = tmp_path / "viewer"
+    assert main(["graph", "--prompt", "The capital of France is", "--target", " Paris", "--max-nodes", "20",
+                 "--transcoders", str(smollm2_transcoders), "--viewer", str(viewer), "--slug", "france",
+                 "--out", str(tmp_path / "g.json")]) == 0
+    graph = json.loads((viewer / "france.json").read_text())
+    scan = graph["metadata"]["scan"]
+    assert scan.startswith("./graph_data/features/transcoders-30x64-")
+    folder = viewer / scan.removeprefix("./graph_data/")
+    features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert features
+    for node in features:
+        layer, index, _ = (int(x) for x in node["node_id"].split("_"))
+        assert node["feature"] == cantor(layer, index)
+        feature = json.loads((folder / f"{node['feature']}.json").read_text())
+        assert feature["index"] == node["feature"] and feature["transcoder_id"] == f"L{layer}/F{index}"
+        top = feature["examples_quantiles"][0]["examples"]
+        assert top and all(len(e["tokens"]) == len(e["tokens_acts_list"]) for e in top)
+        assert max(top[0]["tokens_acts_list"]) == feature["act_max"] > 0
+    listing = json.loads((viewer / "graph-metadata.json").read_text())
+    assert [g["slug"] for g in listing["graphs"]] == ["france"]

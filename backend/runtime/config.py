@@ -34,6 +34,11 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("circuitscope"))
 
 
+def default_transcoders_dir() -> Path:
+    """Where `make transcoders` (and the graph page's Fit button) put SmolLM2's default set."""
+    return cache_dir() / "transcoders" / "smollm2-default"
+
+
 def max_cached_models() -> int:
     """How many models one process keeps loaded at once (CIRCUITSCOPE_MAX_MODELS, default 2)."""
     return max(1, _int_env("CIRCUITSCOPE_MAX_MODELS", 2))
