@@ -24,6 +24,7 @@ from backend.units.dashboard import UnitDashboard, unit_dashboard
 from backend.units.index import UnitIndex
 from backend.units.unitset import Neurons, UnitSet
 
+
 def cantor(layer: int, index: int) -> int:
     """circuit-tracer's global feature id of (layer, index)."""
     return (layer + index) * (layer + index + 1) // 2 + index
