@@ -548,7 +548,8 @@ def section_transcoder_graphs() -> dict:
             context = graph.context_influence(prune(graph).influence)
             first = graph.tokens[max(context, key=context.get)]
             row[basis] = {"replacement": round(scores["replacement"], 3),
-                          "completeness": round(scores["completeness"], 3), "first": first, "seconds": round(seconds, 2)}
+                          "completeness": round(scores["completeness"], 3), "first": first,
+                          "seconds": round(seconds, 2)}
             for key in ("replacement", "completeness"):
                 totals[basis][key] += scores[key] / len(FACTUAL)
             totals[basis]["subject_first"] += first == subject
