@@ -55,7 +55,7 @@ examples: setup
 
 # A default transcoder set for the embedded model (resumable: rerun after an interruption),
 # then the corpus index of its features; the Units page reads it from this folder.
-TRANSCODERS_DIR ?= $${CIRCUITSCOPE_CACHE:-$$HOME/.cache/circuitscope}/transcoders/smollm2-default
+TRANSCODERS_DIR ?= $${CIRCUITSCOPE_TRANSCODERS_DIR:-$${CIRCUITSCOPE_CACHE:-$$HOME/.cache/circuitscope}/transcoders/smollm2-default}
 transcoders: setup
 	test -f "$(TRANSCODERS_DIR)/config.yaml" || HF_HUB_OFFLINE=1 $(PY) -m backend fit-transcoders --out "$(TRANSCODERS_DIR)"
 	HF_HUB_OFFLINE=1 $(PY) -m backend index --transcoders "$(TRANSCODERS_DIR)"

@@ -10,6 +10,8 @@ os.environ.setdefault("CIRCUITSCOPE_EXAMPLES", "0")  # no background example bui
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("CIRCUITSCOPE_DB", os.path.join(tempfile.mkdtemp(prefix="circuitscope-"), "gallery.sqlite"))
 os.environ.setdefault("CIRCUITSCOPE_INDEX_DIR", tempfile.mkdtemp(prefix="circuitscope-index-"))  # never the user's
+os.environ.setdefault("CIRCUITSCOPE_TRANSCODERS_DIR",  # never the user's default set: tests choose theirs
+                      os.path.join(tempfile.mkdtemp(prefix="circuitscope-tc-"), "smollm2-default"))
 os.environ.setdefault("CIRCUITSCOPE_INDEX_AUTOBUILD", "0")  # pages do not start index builds during tests
 
 import pytest

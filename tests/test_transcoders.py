@@ -248,3 +248,39 @@ def test_features_are_units_of_the_corpus_index(fitted):
     dashboard = unit_dashboard(handle, index, 0, int(np.argmax(expected[0])), units=features)
     assert dashboard.kind == "feature" and dashboard.name.startswith("L0/F")
     assert dashboard.max_act == pytest.approx(float(expected[0].max()), rel=1e-4)
+
+
+def _wait(job, seconds: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while job.state == "fitting" and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_background_fit_stops_resumes_and_holds_one_fit_per_folder(tmp_path):
+    """The graph page's Fit button: a background job that Stop interrupts (nothing loads), a
+    second start resumes to a complete set; a folder another fit holds is refused."""
+    from backend.replacement.service import ensure_fitting, fit_status, stop_fitting
+    from backend.units.build import exclusive
+
+    handle = tiny_handle("llama")
+    make_corpus(tmp_path / "corpus.txt", n_docs=400)
+    corpus = Corpus(str(tmp_path / "corpus.txt"))
+    folder = tmp_path / "set"
+    settings = FitSettings(features=16, k=3, tokens=2500, context=24, epochs=2)
+    assert fit_status(folder)["state"] == "missing"
+    with exclusive(folder):
+        with pytest.raises(UserInputError, match="Another process"):
+            fit_transcoders(handle, corpus, folder, settings)
+    job = ensure_fitting(handle, folder, settings, corpus)
+    stop_fitting(folder)
+    _wait(job)
+    assert job.state == "cancelled" and not (folder / "config.yaml").exists()
+    assert fit_status(folder)["state"] == "cancelled"
+    job = ensure_fitting(handle, folder, settings, corpus)
+    assert ensure_fitting(handle, folder, settings, corpus) is job or job.state != "fitting"  # one job per folder
+    _wait(job)
+    assert job.state == "done", job.message
+    assert fit_status(folder)["state"] == "ready"
+    assert len(load_transcoders(folder, handle).layers) == 3

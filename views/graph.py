@@ -13,6 +13,7 @@ from backend.graphs.features import feature_graph
 from backend.graphs.graph import AttributionGraph
 from backend.graphs.grouping import group_id, grouped_view
 from backend.graphs.neuronpedia import GraphView, node_ids, parse_graph_json, to_graph_json, view_from_graph
+from backend.replacement.service import ensure_fitting, fit_status, stop_fitting
 from backend.replacement.transcoders import open_transcoders
 from backend.settings import GRAPH
 from components.charts import head_grid
@@ -68,11 +69,48 @@ selected: str = url_state("node", "")
 url_state("grouped", False, lambda text: text == "1")
 included: list[tuple[int, int, int]] = url_state("inc", [], _included)
 
+def use_folder(folder: str) -> None:
+    st.session_state.url_tc = folder
+
+
+def default_set_box() -> None:
+    """The default SmolLM2 set: use it when fitted, else fit it in the background (progress, Stop)."""
+    if handle.name != "smollm2":
+        return
+    status = fit_status()
+    if status["state"] == "ready":
+        if st.session_state.url_tc.strip() != status["folder"]:
+            st.button("Use the default transcoder set", on_click=use_folder, args=(status["folder"],),
+                      help=f"{status['folder']}: 4096 features per layer, TopK k=32, fitted here")
+        return
+
+    @st.fragment(run_every=2.0 if status["state"] == "fitting" else None)
+    def live() -> None:
+        current = fit_status()
+        if current["state"] == "ready":
+            st.rerun()
+        if current["state"] == "fitting":
+            st.progress(min(1.0, current["fraction"]), text=f"Fitting the default transcoder set: {current['message']}")
+            if st.button("Stop fitting", key="stop_fit", help="Finished layers are kept: fitting again resumes."):
+                stop_fitting()
+            return
+        if current["state"] != "missing":
+            st.caption(f"Default transcoder set: {current['message']}")
+        if st.button("Fit the default transcoder set" if current["state"] == "missing" else "Resume fitting",
+                     key="start_fit", help="4096 features per layer, TopK k=32, 60k tokens of the default corpus: "
+                                           "about 40 minutes on 2 CPU cores, minutes on a GPU. Pages keep working."):
+            show_user_errors(ensure_fitting, handle)
+            st.rerun()
+
+    live()
+
+
 with st.expander("Settings", expanded=bool(st.session_state.url_tc.strip())):
     st.text_input("Basis: transcoder set folder (empty = MLP neurons)", key="url_tc",
                   placeholder="a folder with config.yaml and layer_{i}.safetensors (fit one: make transcoders)",
                   help="With a folder, the nodes are the set's active features (circuit-tracer's local replacement "
                        "model: error nodes hold what the transcoders miss, and have no inputs).")
+    default_set_box()
     cols = st.columns(6)
     cols[0].number_input("Unit nodes (K)", 1, 5000, step=50, key="url_k",
                          help="Neurons or features, chosen as circuit-tracer chooses features: by influence on the "

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from backend.replacement.transcoders import LayerTranscoder, save_layer, write_c
 from backend.runtime.hooks import hooked, read_site
 from backend.runtime.models import ModelHandle, Progress
 from backend.runtime.prompts import document_start, starts_with_special
+from backend.units.build import Cancelled, exclusive
 from backend.units.corpus import Corpus
 
 HELD_OUT = 0.1
@@ -222,13 +224,31 @@ def held_out_quality(layer: LayerTranscoder, k: int, x: np.ndarray, y: np.ndarra
 
 
 def fit_transcoders(handle: ModelHandle, corpus: Corpus, out: str | Path, settings: FitSettings,
-                    progress: Progress | None = None) -> list[LayerReport]:
-    """Fit every layer (resuming finished ones), then write config.yaml. Returns the reports."""
-    report = progress or (lambda fraction, message: None)
+                    progress: Progress | None = None, cancel: threading.Event | None = None) -> list[LayerReport]:
+    """Fit every layer (resuming finished ones), then write config.yaml. Returns the reports.
+    One fit per folder per machine (a lock file); ``cancel`` stops at the next progress report
+    (raising Cancelled; a rerun resumes)."""
     settings.check(handle)
     out = Path(out)
     if (out / "config.yaml").exists():
         raise UserInputError(f"{out} already holds a transcoder set; choose another --out or delete it.")
+    with exclusive(out) as free:
+        if not free:
+            raise UserInputError(f"Another process is fitting transcoders into {out}.")
+        return _fit(handle, corpus, out, settings, _cancellable(progress, cancel))
+
+
+def _cancellable(progress: Progress | None, cancel: threading.Event | None) -> Progress:
+    def report(fraction: float, message: str) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("fitting cancelled; fitting again resumes at the first unfinished layer")
+        if progress is not None:
+            progress(fraction, message)
+    return report
+
+
+def _fit(handle: ModelHandle, corpus: Corpus, out: Path, settings: FitSettings,
+         report: Progress) -> list[LayerReport]:
     work = out / "work"
     _check_settings_file(work, settings, handle)
     xs, ys, held_out_start = collect(handle, corpus, settings, work, report)

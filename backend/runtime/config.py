@@ -35,8 +35,10 @@ def cache_dir() -> Path:
 
 
 def default_transcoders_dir() -> Path:
-    """Where `make transcoders` (and the graph page's Fit button) put SmolLM2's default set."""
-    return cache_dir() / "transcoders" / "smollm2-default"
+    """Where `make transcoders` (and the graph page's Fit button) put SmolLM2's default set
+    (CIRCUITSCOPE_TRANSCODERS_DIR, default under the cache)."""
+    configured = os.environ.get("CIRCUITSCOPE_TRANSCODERS_DIR")
+    return Path(configured) if configured else cache_dir() / "transcoders" / "smollm2-default"
 
 
 def max_cached_models() -> int:
