@@ -5,7 +5,7 @@
         [--max-feature-nodes N] [--batch-size B]
 
 MODEL_DIR: a Hugging Face model folder (config.json + safetensors); TRANSCODER_DIR: a
-per-layer set in circuit-tracer's format; IDS: comma-separated token ids (so both tools read
+per-layer or cross-layer set in circuit-tracer's format; IDS: comma-separated token ids (so both tools read
 the same tokens). Writes the graph's arrays and the attribution time. Imports nothing from
 Circuitscope.
 """
@@ -25,15 +25,22 @@ import yaml
 
 def load(model_dir: str, transcoder_dir: str):
     from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
     from circuit_tracer.utils.hf_utils import load_transcoders
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     folder = Path(transcoder_dir)
     config = yaml.safe_load((folder / "config.yaml").read_text())
-    entries = config.get("transcoders") or [f"layer_{i}.safetensors" for i in range(len(list(folder.glob("layer_*"))))]
-    config["transcoders"] = [str(folder / Path(p).name) for p in entries]  # local files, as a hub set lists them
-    transcoders = load_transcoders(config, device=torch.device("cpu"), lazy_decoder=False)
+    if config["model_kind"] == "cross_layer_transcoder":  # load_transcoders would download config["repo_id"]
+        transcoders = load_clt(str(folder), feature_input_hook=config["feature_input_hook"],
+                               feature_output_hook=config["feature_output_hook"], scan=config.get("scan"),
+                               device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+    else:
+        entries = config.get("transcoders") or [f"layer_{i}.safetensors"
+                                                for i in range(len(list(folder.glob("layer_*"))))]
+        config["transcoders"] = [str(folder / Path(p).name) for p in entries]  # local files, as a hub set lists them
+        transcoders = load_transcoders(config, device=torch.device("cpu"), lazy_decoder=False)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = get_pretrained_model_config(model_dir, fold_ln=False, device="cpu", dtype=torch.float32)
     state = get_pretrained_state_dict(model_dir, cfg, hf_model)

@@ -1,6 +1,6 @@
 """Our transcoder-feature graph against circuit-tracer's own ``attribute()`` (0.5.0, run in
 .venv-ct by bench/circuit_tracer_child.py; `make test` builds that venv): a tiny Llama saved
-to disk and a relu set with skip connections, the same tokens (a special token first, which
+to disk, a relu set with skip connections and a cross-layer set, the same tokens (a special token first, which
 both treat as the sink).
 
 Layouts: circuit-tracer's adjacency is [active features, L×P errors, P tokens, T logits];
@@ -18,6 +18,7 @@ import pytest
 
 from backend.graphs.features import feature_graph
 from backend.runtime.prompts import encode_prompt
+from tests.test_feature_graph import clt_layers, write_clt
 from tests.test_graph import PROMPT
 from tests.test_transcoders import layer_tensors, write_set
 from tests.tiny import tiny_handle
@@ -52,14 +53,17 @@ def setup(tmp_path_factory):
         t["W_skip"] *= 0.02
         t["b_dec"] *= 0.05
     write_set(root / "tc", layers)
+    write_clt(root / "clt", clt_layers(40))
     prompt = "<eos>" + PROMPT
     return handle, root, prompt, encode_prompt(handle, prompt)
 
 
-def test_every_active_feature_graph_equals_circuit_tracers(setup):
+@pytest.mark.parametrize("kind", ["tc", "clt"])
+def test_every_active_feature_graph_equals_circuit_tracers(setup, kind):
+    """Per-layer (relu, skip) and cross-layer sets."""
     handle, root, prompt, ids = setup
-    theirs = run_circuit_tracer(root / "model", root / "tc", ids, root / "all.npz")
-    ours = feature_graph(handle, prompt, str(root / "tc"), max_nodes=5000)
+    theirs = run_circuit_tracer(root / "model", root / kind, ids, root / f"all-{kind}.npz")
+    ours = feature_graph(handle, prompt, str(root / kind), max_nodes=5000)
     n, L, P = len(theirs["active_features"]), ours.n_layers, ours.n_pos
     assert ours.sink == 0
     np.testing.assert_array_equal(np.array(ours.features), theirs["active_features"])

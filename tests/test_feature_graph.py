@@ -10,12 +10,15 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
+from safetensors.torch import save_file
 
 from backend.errors import UserInputError
 from backend.graphs.features import feature_graph
 from backend.graphs.graph import AttributionGraph
 from backend.graphs.neuronpedia import parse_graph_json, to_graph_json, view_from_graph
 from backend.graphs.prune import graph_scores
+from backend.replacement.transcoders import load_transcoders
 from tests.manual import ManualModel
 from tests.test_graph import PROMPT, relative_conservation_error
 from tests.test_transcoders import layer_tensors, write_set
@@ -65,13 +68,14 @@ class ReplacementBrute:
             clean_out = self.model.run(self.clean, self.embed, mlp_outputs=real_mlp)
             self.acts, self.errors = {}, {}
             for layer, t in enumerate(layers):
-                h = inputs[layer]
-                a = torch.relu(h @ t["W_enc"].T + t["b_enc"])
+                a = torch.relu(inputs[layer] @ t["W_enc"].T + t["b_enc"])
                 if graph.sink is not None:
                     a[graph.sink] = 0.0
-                real = self.model._down(layer, self.model._mlp(layer, h, self.clean, None))
                 self.acts[layer] = a
-                self.errors[layer] = real - (a @ t["W_dec"] + t["b_dec"] + h @ t["W_skip"].T)
+            for layer in range(len(layers)):
+                h = inputs[layer]
+                real = self.model._down(layer, self.model._mlp(layer, h, self.clean, None))
+                self.errors[layer] = real - self.reconstruction(layer, self.acts, h)
         vocab = clean_out.logits.shape[-1]
         self.matrix = torch.full((len(graph.logit_targets), vocab), -1.0 / vocab)
         for i, info in enumerate(graph.logit_targets):
@@ -82,9 +86,8 @@ class ReplacementBrute:
         graph, inputs = self.graph, {}
 
         def replaced(layer: int, h: torch.Tensor) -> torch.Tensor:
-            t = self.layers[layer]
             inputs[layer] = h
-            return acts[layer] @ t["W_dec"] + t["b_dec"] + h @ t["W_skip"].T + errors[layer]
+            return self.reconstruction(layer, acts, h) + errors[layer]
 
         with torch.no_grad():
             out = self.model.run(self.clean, embed, mlp_outputs=replaced)
@@ -94,6 +97,40 @@ class ReplacementBrute:
             values[i] = inputs[layer][pos] @ t["W_enc"][feature] + t["b_enc"][feature]
         values[graph.logit_slice] = (self.matrix @ out.logits[-1]).numpy()
         return values
+
+    def reconstruction(self, layer: int, acts: dict, h: torch.Tensor) -> torch.Tensor:
+        """What the transcoders write to ``layer``'s MLP output: per-layer (W_dec [F, d], skip)
+        or cross-layer (every earlier layer's W_dec [F, L - i, d], slot layer - i)."""
+        t = self.layers[layer]
+        if t["W_dec"].dim() == 2:
+            return acts[layer] @ t["W_dec"] + t["b_dec"] + h @ t["W_skip"].T
+        return t["b_dec"] + sum(acts[i] @ self.layers[i]["W_dec"][:, layer - i] for i in range(layer + 1))
+
+    def error_values(self) -> np.ndarray:
+        """Each error node's writes (its site's error, and the unlisted features read at its
+        site, wherever they write) projected on the gradient of the weighted targets w.r.t.
+        the MLP outputs they land on, through every path of the linearized real model
+        (ManualModel with taps)."""
+        graph = self.graph
+        out = self.model.run(self.clean, self.embed.clone(), taps=True)
+        objective = (torch.tensor(graph.logit_weights) * (self.matrix @ out.logits[-1])).sum()
+        grads = torch.autograd.grad(objective, [out.taps[("mlp_out", l)] for l in range(graph.n_layers)])
+        values = np.zeros((graph.n_layers, graph.n_pos))
+        for layer, t in enumerate(self.layers):
+            decoder = t["W_dec"] if t["W_dec"].dim() == 3 else t["W_dec"][:, None]  # [F, span, d]
+            unlisted = self._unlisted(layer)
+            value = (self.errors[layer] * grads[layer]).sum(-1)
+            for slot in range(decoder.shape[1]):
+                value = value + ((unlisted @ decoder[:, slot]) * grads[layer + slot]).sum(-1)
+            values[layer] = value.detach().numpy()
+        return values.flatten()
+
+    def _unlisted(self, layer: int) -> torch.Tensor:
+        acts = self.acts[layer].clone()
+        for l, p, f in self.selected:
+            if l == layer:
+                acts[p, f] = 0.0
+        return acts
 
     def clean_values(self) -> np.ndarray:
         return self.values(self.embed, self.acts, self.errors)
@@ -109,7 +146,7 @@ class ReplacementBrute:
             embed[pos] = 0.0
         elif kind == "neuron":
             acts[layer][pos, graph.features[source][2]] = 0.0
-        else:  # the error node: the error and every active feature of its site not among the nodes
+        else:  # the error node: its site's error and the active features read there that are not nodes
             errors[layer][pos] = 0.0
             for feature in range(acts[layer].shape[1]):
                 if (layer, pos, feature) not in self.selected:
@@ -139,6 +176,8 @@ def test_feature_edges_and_biases_equal_the_replacement_model_by_hand(llama, ski
                                atol=2e-5 * np.abs(graph.node_values[rows]).max())
     np.testing.assert_allclose(graph.activations, [float(brute.acts[l][p, f]) for l, p, f in graph.features],
                                rtol=1e-5)
+    errors = brute.error_values()
+    np.testing.assert_allclose(graph.node_values[graph.error_slice], errors, atol=1e-4 * np.abs(errors).max())
     assert relative_conservation_error(graph) < 1e-4
 
 
@@ -216,3 +255,70 @@ def test_ln2_hook_normalized_reads_the_rms_norm_before_its_gain(llama, skip_set,
     b = feature_graph(llama, PROMPT, str(tmp_path / "folded"), max_nodes=10)
     assert a.features == b.features
     np.testing.assert_allclose(a.adjacency, b.adjacency, atol=1e-4 * np.abs(b.adjacency).max())
+
+
+# ---------------------------------------------------------------- cross-layer transcoders
+
+
+def clt_layers(seed: int, n_layers: int = 3, width: int = 12) -> list[dict]:
+    """A random cross-layer set for the tiny Llama: layer i's W_dec [F, L - i, d]."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"W_enc": torch.randn(width, D_MODEL, generator=g), "b_enc": torch.randn(width, generator=g),
+             "W_dec": 0.05 * torch.randn(width, n_layers - i, D_MODEL, generator=g),
+             "b_dec": 0.05 * torch.randn(D_MODEL, generator=g)} for i in range(n_layers)]
+
+
+def write_clt(folder, layers: list[dict], **config) -> None:
+    """circuit-tracer's CrossLayerTranscoder.to_safetensors layout, and its config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, t in enumerate(layers):
+        save_file({f"W_enc_{i}": t["W_enc"], f"b_enc_{i}": t["b_enc"], f"b_dec_{i}": t["b_dec"]},
+                  str(folder / f"W_enc_{i}.safetensors"))
+        save_file({f"W_dec_{i}": t["W_dec"]}, str(folder / f"W_dec_{i}.safetensors"))
+    spec = {"model_kind": "cross_layer_transcoder", "scan": "test", "feature_input_hook": "mlp.hook_in",
+            "feature_output_hook": "mlp.hook_out", **config}
+    (folder / "config.yaml").write_text(yaml.safe_dump(spec))
+
+
+def test_cross_layer_edges_equal_the_replacement_model_by_hand(llama, tmp_path):
+    """A feature of layer i writes to every later MLP output: its edges sum over those
+    writes, and an error node holds what the unlisted features write there."""
+    layers = clt_layers(30)
+    write_clt(tmp_path / "clt", layers)
+    graph = feature_graph(llama, PROMPT, str(tmp_path / "clt"), max_nodes=10, batch_size=4)
+    brute = ReplacementBrute(llama, graph, layers)
+    rows = graph.target_rows()
+    scale = np.abs(graph.adjacency[rows]).max()
+    sources = list(range(graph.n_features)) + list(range(graph.embed_slice.start, graph.embed_slice.stop))
+    sources += [graph.other_index(l, p) for l in range(graph.n_layers) for p in (0, 5, graph.n_pos - 1)]
+    for source in sources:
+        np.testing.assert_allclose(graph.adjacency[rows, source], brute.edge_column(source)[rows], atol=2e-5 * scale,
+                                   err_msg=graph.node_label(source))
+    np.testing.assert_allclose(graph.adjacency[rows, graph.bias_index], brute.biases()[rows], atol=2e-5 * scale)
+    errors = brute.error_values()
+    np.testing.assert_allclose(graph.node_values[graph.error_slice], errors, atol=1e-4 * np.abs(errors).max())
+    assert relative_conservation_error(graph) < 1e-4
+    assert any(f[0] < 2 for f in graph.features)  # early features, whose writes span several layers, are listed
+
+
+def test_cross_layer_sets_refused_with_one_message_each(llama, tmp_path):
+    layers = clt_layers(31)
+    write_clt(tmp_path / "ok", layers)
+    assert load_transcoders(tmp_path / "ok", llama).cross_layer is not None
+    bad = [dict(t) for t in layers]
+    bad[1] = {**bad[1], "W_dec": bad[1]["W_dec"][:, :1].contiguous()}
+    write_clt(tmp_path / "slots", bad)
+    with pytest.raises(UserInputError, match=r"W_dec_1 has shape \(12, 1, 32\), expected \(12, 2, 32\)"):
+        load_transcoders(tmp_path / "slots", llama)
+    write_clt(tmp_path / "missing", layers)
+    (tmp_path / "missing" / "W_dec_2.safetensors").unlink()
+    with pytest.raises(UserInputError, match="W_dec_2.safetensors is missing"):
+        load_transcoders(tmp_path / "missing", llama)
+    write_clt(tmp_path / "cut", layers)
+    data = (tmp_path / "cut" / "W_dec_0.safetensors").read_bytes()
+    (tmp_path / "cut" / "W_dec_0.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserInputError, match="truncated"):
+        load_transcoders(tmp_path / "cut", llama)
+    write_clt(tmp_path / "two", clt_layers(32, n_layers=2))
+    with pytest.raises(UserInputError, match="has 2 layers"):
+        load_transcoders(tmp_path / "two", llama)

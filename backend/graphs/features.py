@@ -68,27 +68,48 @@ class TranscoderReplay(LinearReplay):
                 edit_site(self.handle.adapter.site("mlp_out", layer), partial(self._replace, layer))]
 
     def _replace(self, layer: int, output: torch.Tensor) -> torch.Tensor:
-        t = self.transcoders.layers[layer]
         leaf = self.writes[layer].to(output.dtype).detach().clone().requires_grad_(True)
         self.write_leaves[layer] = leaf
-        out = leaf + t.b_dec.to(output.dtype)
-        if t.W_skip is not None:
-            out = out + self.inputs[layer] @ t.W_skip.T.to(output.dtype)
+        out = leaf + self.transcoders.layers[layer].b_dec.to(output.dtype)
+        skip = self.transcoders.skip(layer, self.inputs[layer])
+        if skip is not None:
+            out = out + skip.to(output.dtype)
         return out.expand_as(output)
 
 
-class FeatureRowMaker:
-    """Direct-effect rows over the replay's leaves: per candidate feature a_f · (g · W_dec[f]),
-    per (layer, position) the whole write's (every active feature + the error), embeddings."""
+class Decoded:
+    """What each candidate feature writes: per source layer i, the candidates' indices,
+    positions and rows a_f · W_dec[f] [n, span, d] (slot s lands on layer i + s's MLP output;
+    span 1 for a per-layer set); and each layer's error [P, d] (its write leaf minus every
+    candidate's write landing there)."""
 
-    def __init__(self, replay: TranscoderReplay, candidates: torch.Tensor, activations: torch.Tensor) -> None:
-        self.replay = replay
-        self.by_layer = []  # (layer, candidate indices, positions, a_f · W_dec[f] rows)
-        for layer in range(len(replay.write_leaves)):
+    def __init__(self, transcoders: TranscoderSet, candidates: torch.Tensor, activations: torch.Tensor,
+                 writes: list[torch.Tensor]) -> None:
+        self.groups = []
+        for layer in range(transcoders.n_layers):
             index = torch.nonzero(candidates[:, 0] == layer).flatten()
-            rows = replay.transcoders.layers[layer].W_dec[candidates[index, 2]] * activations[index, None]
-            self.by_layer.append((layer, index, candidates[index, 1], rows))
-        self.n_candidates = len(candidates)
+            rows = transcoders.decoder_rows(layer, candidates[index, 2]) * activations[index, None, None]
+            self.groups.append((layer, index, candidates[index, 1], rows))
+        self.errors = [w[0].clone() for w in writes]
+        for layer, error in enumerate(self.errors):
+            for _, positions, rows in self.landing_on(layer):
+                error.index_add_(0, positions, -rows)
+
+    def landing_on(self, layer: int):
+        """(candidate indices, positions, rows [n, d]) of the writes landing on ``layer``."""
+        for source, index, positions, rows in self.groups:
+            if len(index) and source <= layer < source + rows.shape[1]:
+                yield index, positions, rows[:, layer - source]
+
+
+class FeatureRowMaker:
+    """Direct-effect rows over the replay's leaves: per candidate feature Σ over the layers it
+    writes to of g · a_f W_dec[f]; per (layer, position) site, its error's plus every
+    candidate read there (RowStore subtracts the listed ones: the error node); embeddings."""
+
+    def __init__(self, replay: TranscoderReplay, decoded: Decoded, candidates: torch.Tensor) -> None:
+        self.replay, self.decoded, self.n_candidates = replay, decoded, len(candidates)
+        self.site_of_candidate = candidates[:, 0] * replay.embed.shape[1] + candidates[:, 1]
 
     def contributions(self, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n, replay = values.shape[0], self.replay
@@ -98,21 +119,23 @@ class FeatureRowMaker:
         n_layers, n_pos = len(replay.write_leaves), replay.embed.shape[1]
         cand = torch.zeros(n, self.n_candidates, device=values.device)
         site = torch.zeros(n, n_layers, n_pos, device=values.device)
-        for (layer, index, positions, rows), grad in zip(self.by_layer, grads[1:]):
+        for layer, grad in enumerate(grads[1:]):
             if grad is None:
                 continue
             g = grad[:, 0].detach().float()  # [B, P, d]
-            site[:, layer] = (g * replay.writes[layer][0].float()).sum(-1)
-            if len(index):
-                cand[:, index] = (g[:, positions] * rows).sum(-1)
+            site[:, layer] = (g * self.decoded.errors[layer]).sum(-1)
+            for index, positions, rows in self.decoded.landing_on(layer):
+                cand[:, index] += (g[:, positions] * rows).sum(-1)
+        site = site.flatten(1).index_add_(1, self.site_of_candidate, cand)
         embed = ((grads[0][:, 0] * replay.embed[0]).sum(-1).detach() if grads[0] is not None
                  else torch.zeros(n, n_pos, device=values.device))
-        return cand.cpu().numpy(), site.flatten(1).cpu().numpy(), embed.float().cpu().numpy()
+        return cand.cpu().numpy(), site.cpu().numpy(), embed.float().cpu().numpy()
 
 
 def _clean_transcoder_run(handle: ModelHandle, input_ids: torch.Tensor, transcoders: TranscoderSet, sink: int | None):
     """The frozen clean run, with each layer's feature activations [P, d_tc] (zero at the
-    sink) and write (the activations' decoded sum + the error) [1, P, d]."""
+    sink, as circuit-tracer zeroes BOS) and write [1, P, d]: the MLP output minus b_dec and
+    the skip, i.e. the active features' decoded writes plus the error."""
     adapter = handle.adapter
     inputs: list = [None] * adapter.n_layers
     outputs: list = [None] * adapter.n_layers
@@ -124,14 +147,13 @@ def _clean_transcoder_run(handle: ModelHandle, input_ids: torch.Tensor, transcod
     activations, writes = [], []
     with torch.no_grad():
         for layer in range(adapter.n_layers):
-            t = transcoders.layers[layer]
             x, out = inputs[layer][0].float(), outputs[layer][0].float()
             a = transcoders.encode(layer, x)
             if sink is not None:
                 a[sink] = 0.0
-            reconstruction = transcoders.decode(layer, a, x)
-            decoded = a @ t.W_dec
-            writes.append((decoded + out - reconstruction)[None])
+            write = out - transcoders.layers[layer].b_dec
+            skip = transcoders.skip(layer, x)
+            writes.append((write if skip is None else write - skip)[None])
             activations.append(a)
     return frozen, torch.stack(activations), writes
 
@@ -172,7 +194,8 @@ def _compute(handle: ModelHandle, folder: str, prompt: str, target: str | None, 
     infos, matrix, weights = logit_targets(handle, shown_logits.float().softmax(-1).cpu(), target, wrong)
     matrix = matrix.to(logits.device)
     store = RowStore((candidates[:, 0] * n_pos + candidates[:, 1]).cpu().numpy(), n_layers * n_pos)
-    maker = FeatureRowMaker(replay, candidates, values_of)
+    decoded = Decoded(transcoders, candidates, values_of, writes)
+    maker = FeatureRowMaker(replay, decoded, candidates)
     k = min(max_nodes, len(candidates))
     n_batches = math.ceil(len(infos) / batch_size) + math.ceil(k / batch_size)
     progress(0.1, "Logit rows")
@@ -193,12 +216,7 @@ def _compute(handle: ModelHandle, folder: str, prompt: str, target: str | None, 
 
     progress(0.92, "Error nodes: their effect on the targets")
     directions, contributions = total_effects(handle, frozen, matrix, weights, at="mlp_out")
-    rest = torch.cat(writes)  # [L, P, d]
-    with torch.no_grad():
-        for layer, pos, feature in features:
-            rest[layer, pos] -= activations[layer, pos, feature] * transcoders.layers[layer].W_dec[feature]
-        error_values = np.array([float(rest[l, p] @ directions[(l, p)].float()) for l in range(n_layers)
-                                 for p in range(n_pos)], dtype=np.float32)
+    error_values = _error_values(decoded, selected, directions, n_layers, n_pos)
     graph = _assemble(handle, prompt, ids, infos, weights, features, [(store, selected)], error_values,
                       replay.embed[0].detach().norm(dim=-1).float().cpu().numpy(), False, sink, n_layers, n_pos)
     graph.basis, graph.transcoders = "transcoders", transcoders.source
@@ -211,6 +229,22 @@ def _compute(handle: ModelHandle, folder: str, prompt: str, target: str | None, 
     graph.timings = {"total_s": time.perf_counter() - started}
     progress(1.0, "Graph ready")
     return graph
+
+
+def _error_values(decoded: Decoded, selected: np.ndarray, directions: dict, n_layers: int,
+                  n_pos: int) -> np.ndarray:
+    """Each error node's effect on the targets: its site's error and the unlisted features
+    read there (each write on the direction v of the MLP output it lands on)."""
+    v = torch.stack([torch.stack([directions[(l, p)].float() for p in range(n_pos)]) for l in range(n_layers)])
+    values = torch.stack([(decoded.errors[l] * v[l]).sum(-1) for l in range(n_layers)])  # [L, P]
+    listed = set(selected.tolist())
+    with torch.no_grad():
+        for source, index, positions, rows in decoded.groups:
+            keep = torch.tensor([int(i) not in listed for i in index.tolist()], dtype=torch.bool)
+            for slot in range(rows.shape[1]):
+                effect = (rows[keep, slot] * v[source + slot, positions[keep]]).sum(-1)
+                values[source].index_add_(0, positions[keep], effect)
+    return values.flatten().cpu().numpy().astype(np.float32)
 
 
 def _pre_activations(transcoders: TranscoderSet, inputs: list[torch.Tensor], units: torch.Tensor) -> torch.Tensor:

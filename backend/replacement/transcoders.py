@@ -1,4 +1,4 @@
-"""Per-layer transcoders in circuit-tracer's formats: read, checked against a model, written.
+"""Transcoders in circuit-tracer's formats (per-layer and cross-layer): read, checked against a model, written.
 
 The transcoder of layer l reads the MLP's input x and predicts what the MLP adds to the
 residual stream:
@@ -25,7 +25,7 @@ sites: ``mlp.hook_in`` = the MLP's input after its norm, ``ln2.hook_normalized``
 before the norm's gain for an RMSNorm (TransformerLens applies the weight after that hook,
 and circuit-tracer reads RMSNorm's ``_norm`` output there; for LayerNorm the hook follows
 weight and bias), ``hook_resid_mid`` = the residual stream before the norm, ``mlp.hook_out``
-/ ``hook_mlp_out`` = the MLP's output. Cross-layer transcoders are refused with a message (not supported yet).
+/ ``hook_mlp_out`` = the MLP's output.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class LayerTranscoder:
 
     W_enc: torch.Tensor  # [d_tc, d_model]
     b_enc: torch.Tensor  # [d_tc]
-    W_dec: torch.Tensor  # [d_tc, d_model]
+    W_dec: torch.Tensor | None  # [d_tc, d_model]; None in a cross-layer set (CrossLayerDecoders)
     b_dec: torch.Tensor  # [d_model]
     threshold: torch.Tensor | None = None  # [d_tc], jumprelu
     W_skip: torch.Tensor | None = None  # [d_model, d_model]
@@ -68,6 +68,34 @@ class LayerTranscoder:
     @property
     def width(self) -> int:
         return self.W_enc.shape[0]
+
+
+class CrossLayerDecoders:
+    """A cross-layer set's decoders, read lazily: layer i's file ``W_dec_{i}`` is
+    [d_tc, n_layers - i, d_model] (slot j writes to layer i + j's MLP output); only the rows
+    of the features asked for are read (a Gemma-2-2B set's decoders are tens of GB)."""
+
+    def __init__(self, files: list[Path], shapes: list[tuple[int, ...]]) -> None:
+        self.files, self.shapes = files, shapes
+        self._rows: dict[tuple[int, int], torch.Tensor] = {}  # bounded by the features asked for
+
+    def rows(self, layer: int, features: list[int]) -> torch.Tensor:
+        """[n, n_layers - layer, d_model] for ``features`` of ``layer``."""
+        missing = [f for f in dict.fromkeys(features) if (layer, f) not in self._rows]
+        if missing:
+            with safe_open(str(self.files[layer]), framework="pt", device="cpu") as f:
+                tensor = f.get_slice(f"W_dec_{layer}")
+                for feature in missing:
+                    self._rows[layer, feature] = tensor[feature:feature + 1][0].float()
+            if len(self._rows) > 200_000:
+                self._rows.clear()
+        return torch.stack([self._rows[layer, f] for f in features]) if features \
+            else torch.zeros(0, *self.shapes[layer][1:])
+
+    def summed(self, layer: int) -> torch.Tensor:
+        """[d_tc, d_model]: each feature's writes summed over the layers it writes to."""
+        with safe_open(str(self.files[layer]), framework="pt", device="cpu") as f:
+            return f.get_tensor(f"W_dec_{layer}").float().sum(1)
 
 
 @dataclass
@@ -78,6 +106,36 @@ class TranscoderSet:
     input_hook: str
     output_hook: str
     source: str  # the folder it was read from ("" when built in memory)
+    cross_layer: CrossLayerDecoders | None = None  # a cross-layer set's decoders (its layers' W_dec are None)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def span(self, layer: int) -> int:
+        """How many MLP outputs layer ``layer``'s features write to (from that layer on)."""
+        return self.n_layers - layer if self.cross_layer is not None else 1
+
+    def decoder_rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """[n, span(layer), d_model]: what each feature writes per unit of activation to each
+        MLP output from ``layer`` on."""
+        if self.cross_layer is not None:
+            return self.cross_layer.rows(layer, features.tolist()).to(self.layers[layer].W_enc.device)
+        W_dec = self.layers[layer].W_dec
+        assert W_dec is not None
+        return W_dec[features][:, None]
+
+    def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        t = self.layers[layer]
+        return None if t.W_skip is None else x.to(t.W_skip.dtype) @ t.W_skip.T
+
+    def output_directions(self, layer: int) -> torch.Tensor:
+        """[d_model, d_tc]: each feature's write (summed over the layers a cross-layer feature writes to)."""
+        if self.cross_layer is not None:
+            return self.cross_layer.summed(layer).T.to(self.layers[layer].W_enc.device)
+        W_dec = self.layers[layer].W_dec
+        assert W_dec is not None
+        return W_dec.T
 
     @property
     def width(self) -> int:
@@ -98,6 +156,8 @@ class TranscoderSet:
     def decode(self, layer: int, features: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """The predicted MLP output; ``x`` (the MLP input) is needed when the set has a skip."""
         t = self.layers[layer]
+        if t.W_dec is None:
+            raise ValueError("a cross-layer set decodes across layers: use decoder_rows")
         out = features @ t.W_dec + t.b_dec
         if t.W_skip is not None:
             if x is None:
@@ -115,7 +175,7 @@ class TranscoderSet:
         """A hash of the weights (index keys: another set is another index)."""
         h = hashlib.sha256(f"{self.activation}:{self.k}:{self.input_hook}:{self.output_hook}".encode())
         for t in self.layers:
-            for tensor in (t.W_enc, t.W_dec, t.b_enc, t.b_dec):
+            for tensor in (t.W_enc, t.b_enc, t.b_dec) + ((t.W_dec,) if t.W_dec is not None else ()):
                 h.update(tensor.flatten()[:4096].to(torch.float32).cpu().numpy().tobytes())
         return h.hexdigest()[:12]
 
@@ -189,19 +249,26 @@ def load_transcoders(folder: str | Path, handle: ModelHandle | None = None) -> T
     it fits that model (layers, width)."""
     folder = _allowed(Path(folder).expanduser())
     spec = _read_config(folder)
+    cross = spec.get("model_kind") == "cross_layer_transcoder"
+    if cross:  # circuit-tracer's load_clt defaults
+        spec = {"feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out", **spec}
     input_hook, output_hook = _hook_name(spec.get("feature_input_hook")), _hook_name(spec.get("feature_output_hook"))
     if input_hook not in INPUT_HOOKS:
         _fail(folder, f"feature_input_hook {spec.get('feature_input_hook')!r} is not one of {', '.join(INPUT_HOOKS)}.")
     if output_hook not in OUTPUT_HOOKS:
         _fail(folder, f"feature_output_hook {spec.get('feature_output_hook')!r} is not one of "
                       f"{', '.join(OUTPUT_HOOKS)}.")
-    layers = [_read_layer(folder, i, str(entry)) for i, entry in enumerate(_layer_entries(folder, spec))]
+    decoders = None
+    if cross:
+        layers, decoders = _read_cross_layer(folder)
+    else:
+        layers = [_read_layer(folder, i, str(entry)) for i, entry in enumerate(_layer_entries(folder, spec))]
     shapes = {t.W_enc.shape for t in layers}
     if len(shapes) > 1:
         _fail(folder, f"layers differ in shape: {sorted(shapes)}.")
     activation, k = _activation(folder, spec, layers)
     result = TranscoderSet(layers=layers, activation=activation, k=k, input_hook=input_hook, output_hook=output_hook,
-                           source=str(folder))
+                           source=str(folder), cross_layer=decoders)
     if handle is not None:
         check_fits(result, handle)
     return result
@@ -227,11 +294,49 @@ def _read_config(folder: Path) -> dict:
     if not isinstance(spec, dict):
         _fail(folder, "config.yaml is not a mapping.")
     kind = spec.get("model_kind")
-    if kind == "cross_layer_transcoder":
-        _fail(folder, "cross-layer transcoders are not supported yet; use a per-layer set.")
-    if kind != "transcoder_set":
-        _fail(folder, f"model_kind is {kind!r}; expected 'transcoder_set'.")
+    if kind not in ("transcoder_set", "cross_layer_transcoder"):
+        _fail(folder, f"model_kind is {kind!r}; expected 'transcoder_set' or 'cross_layer_transcoder'.")
     return spec
+
+
+def _read_cross_layer(folder: Path) -> tuple[list[LayerTranscoder], CrossLayerDecoders]:
+    """circuit-tracer's cross-layer files: ``W_enc_{i}.safetensors`` (``W_enc_{i}`` [d_tc,
+    d_model], ``b_enc_{i}``, ``b_dec_{i}``, optional ``threshold_{i}``) and
+    ``W_dec_{i}.safetensors`` (``W_dec_{i}`` [d_tc, n_layers - i, d_model]), decoders lazily."""
+    n_layers = len(list(folder.glob("W_enc_*.safetensors")))
+    if n_layers == 0:
+        _fail(folder, "no W_enc_{i}.safetensors files (a cross-layer set).")
+    layers, files, shapes = [], [], []
+    for i in range(n_layers):
+        path = folder / f"W_enc_{i}.safetensors"
+        if not path.is_file():
+            _fail(folder, f"layer {i}: {path.name} is missing.")
+        tensors = _read_safetensors(path)
+        missing = [key for key in (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}") if key not in tensors]
+        if missing:
+            _fail(path, f"missing {', '.join(missing)}.")
+        w_enc = tensors[f"W_enc_{i}"].float().contiguous()
+        d_tc, d_model = w_enc.shape
+        threshold = tensors.get(f"threshold_{i}")
+        for key, shape in ((f"b_enc_{i}", (d_tc,)), (f"b_dec_{i}", (d_model,)), (f"threshold_{i}", (d_tc,))):
+            if key in tensors and tuple(tensors[key].shape) != shape:
+                _fail(path, f"{key} has shape {tuple(tensors[key].shape)}, expected {shape}.")
+        dec_path = folder / f"W_dec_{i}.safetensors"
+        if not dec_path.is_file():
+            _fail(folder, f"layer {i}: {dec_path.name} is missing.")
+        try:
+            with safe_open(str(dec_path), framework="pt", device="cpu") as f:
+                shape = tuple(f.get_slice(f"W_dec_{i}").get_shape())
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
+            _fail(dec_path, f"cannot read W_dec_{i} ({exc}); the file may be truncated.")
+        if shape != (d_tc, n_layers - i, d_model):
+            _fail(dec_path, f"W_dec_{i} has shape {shape}, expected {(d_tc, n_layers - i, d_model)}.")
+        layers.append(LayerTranscoder(W_enc=w_enc, b_enc=tensors[f"b_enc_{i}"].float(), W_dec=None,
+                                      b_dec=tensors[f"b_dec_{i}"].float(),
+                                      threshold=None if threshold is None else threshold.float()))
+        files.append(dec_path)
+        shapes.append(shape)
+    return layers, CrossLayerDecoders(files, shapes)
 
 
 def _layer_entries(folder: Path, spec: dict) -> list:
@@ -372,7 +477,7 @@ class TranscoderFeatures(UnitSet):
                 for layer in range(self.n_layers)]
 
     def output_directions(self, handle: ModelHandle, layer: int) -> torch.Tensor:
-        return self.transcoders.layers[layer].W_dec.T
+        return self.transcoders.output_directions(layer)
 
     def name(self, layer: int, index: int) -> str:
         return f"L{layer}/F{index}"
