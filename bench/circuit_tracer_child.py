@@ -43,6 +43,12 @@ def load(model_dir: str, transcoder_dir: str):
         transcoders = load_transcoders(config, device=torch.device("cpu"), lazy_decoder=False)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = get_pretrained_model_config(model_dir, fold_ln=False, device="cpu", dtype=torch.float32)
+    # TransformerLens 2.18's generic Llama conversion leaves rotary_base at 10,000 (SmolLM2 uses 100,000),
+    # and transformers 4.57 does not read a transformers-5 config's rope_parameters: take it from the file
+    raw = json.loads(Path(model_dir, "config.json").read_text())
+    rope = raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get("rope_theta")
+    if rope:
+        cfg.rotary_base = float(rope)
     state = get_pretrained_state_dict(model_dir, cfg, hf_model)
     # the folder's tokenizer_config.json names a transformers-5 class: re-save it in this version's format
     saved = tempfile.mkdtemp()

@@ -153,10 +153,11 @@ def test_graph_is_acyclic_and_respects_layers(tiny_llama):
 # ---------------------------------------------------------------- selection
 
 
-def circuit_tracer_selection(full, n_logits: int, k: int, batch: int) -> list[int]:
-    """circuit-tracer's attribute() loop, ported literally (update_interval = 1) onto a full
-    adjacency over every candidate: rows are revealed in visit order; each batch takes the
-    unvisited candidates with the largest compute_partial_influences."""
+def circuit_tracer_selection(full, n_logits: int, k: int, batch: int, update_interval: int = 4) -> list[int]:
+    """circuit-tracer's attribute() loop, ported literally onto a full adjacency over every
+    candidate: rows are revealed in visit order; each influence update
+    (compute_partial_influences) queues the update_interval · batch unvisited candidates
+    with the largest influence."""
     n = full.n_features
     error_cols = list(range(full.error_slice.start, full.embed_slice.stop))
     logit_rows = list(range(full.logit_slice.start, full.n_nodes))
@@ -177,7 +178,7 @@ def circuit_tracer_selection(full, n_logits: int, k: int, batch: int) -> list[in
                 break
             influence += prod
         ranked = np.argsort(-influence[:n], kind="stable")
-        pending = ranked[~visited[ranked]][:min(batch, k - len(order))]
+        pending = ranked[~visited[ranked]][:min(update_interval * batch, k - len(order))]
         visited[pending] = True
         order += pending.tolist()
         rows += pending.tolist()
@@ -190,8 +191,8 @@ def test_neurons_are_selected_as_circuit_tracer_selects_features(tiny_llama):
     is a candidate: the selection must equal circuit-tracer's loop run on the full graph."""
     full = attribution_graph(tiny_llama, PROMPT, max_nodes=5000, batch_size=64, other_inputs=False)
     assert full.n_features == tiny_llama.adapter.n_layers * full.n_pos * tiny_llama.adapter.d_mlp
-    graph = attribution_graph(tiny_llama, PROMPT, max_nodes=21, batch_size=7, other_inputs=False)
-    expected = circuit_tracer_selection(full, len(full.logit_targets), 21, 7)
+    graph = attribution_graph(tiny_llama, PROMPT, max_nodes=40, batch_size=3, other_inputs=False)
+    expected = circuit_tracer_selection(full, len(full.logit_targets), 40, 3)  # 4 updates of 12 (or fewer)
     assert sorted(map(tuple, graph.features)) == sorted(tuple(full.features[i]) for i in expected)
 
 

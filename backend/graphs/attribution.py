@@ -10,7 +10,8 @@ Selection, as circuit-tracer's ``attribute()``: the candidates are the neurons o
 what they write, |a_j|·||W_down[:, j]||. The logit rows come first; then, batch by batch,
 the candidates with the largest influence on the logits through the rows computed so far
 (the absolute row-normalized edges, as circuit-tracer's ``compute_partial_influences``:
-no cancellation between paths or targets) get their rows, until K are chosen. Then, with
+no cancellation between paths or targets; updated every UPDATE_INTERVAL batches, its
+default) get their rows, until K are chosen. Then, with
 ``other_inputs``, every "other neurons" node gets its row, grouped by layer so that each
 backward walks only the layers below it.
 
@@ -41,6 +42,7 @@ LOGIT_MASS = 0.95
 MAX_NODES_LIMIT = 5000
 CANDIDATES = 256  # neurons per (layer, position) that may become nodes (by the size of their write)
 MEMBERS = 10  # members listed for each "other neurons" node
+UPDATE_INTERVAL = 4  # batches chosen per influence update (circuit-tracer's attribute() default)
 
 # ---------------------------------------------------------------- targets
 
@@ -191,18 +193,25 @@ def add_logit_rows(store: RowStore, maker, values: torch.Tensor, at_zero: torch.
 
 def grow_rows(store: RowStore, maker, row_values: Callable[[np.ndarray], tuple[torch.Tensor, np.ndarray]], k: int,
               batch_size: int, weights: list[float], forced: list[int], progress: Callable[[int], None]) -> np.ndarray:
-    """circuit-tracer's selection: ``forced`` candidates first, then batch by batch the
-    unvisited candidates with the largest influence through the rows so far, until ``k``
-    have rows. ``row_values(chosen)`` gives their values (in the replay's autograd graph)
-    and biases; ``progress(batches done)``. Returns the visited mask."""
-    visited = np.zeros(len(store.site_of_candidate), dtype=bool)
+    """circuit-tracer's selection: ``forced`` candidates first; then, when K covers every
+    candidate, all of them in order; else the unvisited candidates with the largest
+    influence through the rows so far, UPDATE_INTERVAL batches per influence update (its
+    ``update_interval``), until ``k`` have rows. ``row_values(chosen)`` gives their values
+    (in the replay's autograd graph) and biases; ``progress(batches done)``. Returns the
+    visited mask."""
+    n_candidates = len(store.site_of_candidate)
+    visited = np.zeros(n_candidates, dtype=bool)
+    queue: list[np.ndarray] = [np.array(forced[i:i + batch_size]) for i in range(0, len(forced), batch_size)]
     batches = 0
     while visited.sum() < k:
-        if forced:
-            chosen, forced = np.array(forced[:batch_size]), forced[batch_size:]
-        else:
-            order = np.argsort(-store.influence(weights), kind="stable")
-            chosen = order[~visited[order]][:min(batch_size, k - int(visited.sum()))]
+        if not queue:
+            if k >= n_candidates:
+                order = np.arange(n_candidates)
+            else:
+                order = np.argsort(-store.influence(weights), kind="stable")
+            pending = order[~visited[order]][:min(UPDATE_INTERVAL * batch_size, k - int(visited.sum()))]
+            queue = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+        chosen = queue.pop(0)
         visited[chosen] = True
         values, bias = row_values(chosen)
         store.add(maker.contributions(values), values.detach().cpu().numpy(), bias,

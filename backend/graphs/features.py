@@ -94,12 +94,23 @@ class Decoded:
         for layer, error in enumerate(self.errors):
             for _, positions, rows in self.landing_on(layer):
                 error.index_add_(0, positions, -rows)
+        # per landing layer, blocks of one position: (candidate indices, position, rows [n, d])
+        self.blocks = [[(index[block], int(positions[block[0]]), rows[block])
+                        for index, positions, rows in self.landing_on(layer) for block in _runs(positions)]
+                       for layer in range(transcoders.n_layers)]
 
     def landing_on(self, layer: int):
         """(candidate indices, positions, rows [n, d]) of the writes landing on ``layer``."""
         for source, index, positions, rows in self.groups:
             if len(index) and source <= layer < source + rows.shape[1]:
                 yield index, positions, rows[:, layer - source]
+
+
+def _runs(positions: torch.Tensor) -> list[torch.Tensor]:
+    """Index blocks of equal consecutive values (candidates are sorted by layer, position)."""
+    change = torch.nonzero(positions[1:] != positions[:-1]).flatten() + 1
+    bounds = [0, *change.tolist(), len(positions)]
+    return [torch.arange(a, b, device=positions.device) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class FeatureRowMaker:
@@ -124,8 +135,8 @@ class FeatureRowMaker:
                 continue
             g = grad[:, 0].detach().float()  # [B, P, d]
             site[:, layer] = (g * self.decoded.errors[layer]).sum(-1)
-            for index, positions, rows in self.decoded.landing_on(layer):
-                cand[:, index] += (g[:, positions] * rows).sum(-1)
+            for index, pos, rows in self.decoded.blocks[layer]:
+                cand[:, index] += g[:, pos] @ rows.T
         site = site.flatten(1).index_add_(1, self.site_of_candidate, cand)
         embed = ((grads[0][:, 0] * replay.embed[0]).sum(-1).detach() if grads[0] is not None
                  else torch.zeros(n, n_pos, device=values.device))
