@@ -465,6 +465,19 @@ def section_browser() -> dict:
             out[path or "start"] = {"first_feedback_s": feedback, "first_figure_s": drawn,
                                     "final_s": time.perf_counter() - start,
                                     "first_within_3s": (drawn if drawn is not None else feedback) <= 3.0}
+        # as a user moves between pages: a click in the sidebar (no page reload, so no new
+        # Plotly bundle), on another prompt so that nothing is cached
+        page.goto(f"{url}/gallery?prompt=The+capital+of+Italy+is")
+        page.locator("h1").first.wait_for(timeout=600_000)
+        page.wait_for_timeout(1000)
+        for path in ("heatmaps", "patching", "circuit", "paths", "units", "attention", "inspector"):
+            link = page.locator(f"[data-testid='stSidebarNavLink'][href$='/{path}']").first
+            start = time.perf_counter()
+            link.click()
+            page.locator(figure).first.wait_for(timeout=120_000)
+            out[path]["first_figure_via_sidebar_s"] = time.perf_counter() - start
+            page.wait_for_timeout(300)
+            page.locator("[data-testid='stStatusWidget']").wait_for(state="detached", timeout=600_000)
     return out
 
 

@@ -102,8 +102,10 @@ def test_patching_page_with_a_clicked_cell_from_the_url(app):
     app.query_params.update(methods="atp,relp", pcell="heads:20,3")
     app.run()
     assert not app.exception and not app.error
-    assert app.text_input(key="url_corrupt").value == "When Mary and John went to the store, Mary gave a drink to"
-    assert app.text_input(key="url_answer").value == " Mary" and app.text_input(key="url_wrong").value == " John"
+    assert app.text_input(key="pair_patching_corrupt").value == \
+        "When Mary and John went to the store, Mary gave a drink to"
+    assert app.text_input(key="pair_patching_answer").value == " Mary"
+    assert app.text_input(key="pair_patching_wrong").value == " John"
     assert any("Patched heads at layer 20, head 3" in s.value for s in app.success)
     assert app.button(key="patch_intervene_run") is not None
     assert {m.label for m in app.metric} >= {"AtP time", "RelP time", "LD clean"}
@@ -190,6 +192,8 @@ def test_graph_page_over_transcoder_features_opens_a_feature_dashboard(app, smol
     assert app.subheader[0].value == feature.label and feature.label.startswith(f"L{feature.layer} F")
     assert any(m.value.startswith(f"**L{feature.layer}/F{feature.feature}** ·") for m in app.markdown)
     assert any("not available yet" in c.value for c in app.caption)  # no neuron interventions on features
+    labels = [b.proto.label for b in app.get("download_button")]
+    assert "Download for circuit-tracer's viewer (zip)" in labels
 
 
 def test_intervene_panel_on_pinned_graph_nodes(app, smollm2):

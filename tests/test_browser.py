@@ -233,3 +233,22 @@ def test_a_graph_node_opens_its_neuron_dashboard_and_an_example_becomes_the_prom
         wait_until_idle(page)
         prompt = page.get_by_role("textbox", name="Prompt", exact=True).input_value()
         assert prompt and "capital of France" not in prompt
+
+
+def test_from_patching_to_circuit_by_the_sidebar_while_exact_patching_runs(app_url):
+    """A user leaves the patching page while its exact grid streams: the circuit page opens
+    with a usable pair and draws its circuit (before: an empty corrupted prompt and a
+    traceback, so nothing was ever drawn)."""
+    figure = "[data-testid='stPlotlyChart']:visible"
+    with chromium_page(height=1200) as page:
+        page.goto(f"{app_url}/gallery?prompt=The+capital+of+Italy+is")
+        page.locator("h1").first.wait_for(timeout=180_000)
+        page.locator("[data-testid='stSidebarNavLink'][href$='/patching']").first.click()
+        page.locator(figure).first.wait_for(timeout=180_000)  # AtP drawn; the exact grid is streaming
+        page.wait_for_timeout(1500)
+        page.locator("[data-testid='stSidebarNavLink'][href$='/circuit']").first.click()
+        page.get_by_role("heading", name="Circuit (heads and MLPs)").wait_for(timeout=60_000)
+        page.locator(figure).first.wait_for(timeout=120_000)
+        expect(page.get_by_role("textbox", name="Corrupted prompt (same token length as the prompt in the sidebar)")
+               ).not_to_have_value("")
+        expect(page.locator("[data-testid='stException']")).to_have_count(0)

@@ -90,3 +90,19 @@ def test_graph_and_feature_files_for_circuit_tracers_viewer(smollm2, smollm2_tra
         assert max(top[0]["tokens_acts_list"]) == feature["act_max"] > 0
     listing = json.loads((viewer / "graph-metadata.json").read_text())
     assert [g["slug"] for g in listing["graphs"]] == ["france"]
+    # the graph page's zip holds the same files
+    import io
+    import zipfile
+
+    from backend.graphs.viewer_export import viewer_zip
+    from backend.replacement.transcoders import open_transcoders
+    from backend.units.corpus import corpus_from
+    from backend.units.service import find_index
+
+    units = open_transcoders(smollm2_transcoders, smollm2)
+    exported = json.loads((tmp_path / "g.json").read_text())
+    archive = zipfile.ZipFile(io.BytesIO(viewer_zip(smollm2, exported, find_index(smollm2, corpus_from(None), units),
+                                                    units, "france")))
+    names = set(archive.namelist())
+    assert {"france.json", "graph-metadata.json"} <= names
+    assert {f"{scan.removeprefix('./graph_data/')}/{n['feature']}.json" for n in features} <= names

@@ -35,7 +35,7 @@ st.caption("Edge score = (corrupted − clean sender output) · gradient of the 
            "from the corrupted to the clean input (EAP-IG; EAP takes the clean point only). Faithfulness is measured "
            "by patching every edge outside the circuit to its corrupted value.")
 selection, handle = current()
-pair = pair_inputs(handle, selection)
+pair = pair_inputs(handle, selection, "circuit")
 for setting in CIRCUIT.settings:
     setting_state(setting)
 for key in ("url_cn", "url_ctarget"):  # the widgets show "unset" as 0

@@ -13,9 +13,11 @@ from backend.graphs.features import feature_graph
 from backend.graphs.graph import AttributionGraph
 from backend.graphs.grouping import group_id, grouped_view
 from backend.graphs.neuronpedia import GraphView, node_ids, parse_graph_json, to_graph_json, view_from_graph
+from backend.graphs.viewer_export import viewer_zip
 from backend.replacement.service import ensure_fitting, fit_status, stop_fitting
 from backend.replacement.transcoders import open_transcoders
 from backend.settings import GRAPH
+from backend.units.service import find_index
 from components.charts import head_grid
 from components.graph_view import edges_of, graph_figure, selected_node_id
 from components.tokens import visible
@@ -35,7 +37,7 @@ from views.common import (
 )
 from views.intervene_panel import intervene_panel
 from views.save_panel import node_labels, save_panel
-from views.unit_panel import neuron_labels, unit_panel
+from views.unit_panel import active_corpus, neuron_labels, unit_panel
 
 st.title("Attribution graph")
 selection, handle = current()
@@ -354,9 +356,18 @@ clerps = {**{n.node_id: all_names[(n.layer, n.feature)] for n in full_view.nodes
              if n.kind == "neuron" and (n.layer, n.feature) in all_names}, **node_labels()}
 exported = to_graph_json(full_view, pinned=pinned, supernodes=supernodes, clicked=selected, clerps=clerps)
 save_panel("graph", f"Graph: {''.join(full_view.tokens)[:80]}", lambda: json.dumps(exported), supernodes=supernodes)
-downloads = st.columns(2)
+downloads = st.columns(3)
 downloads[0].download_button("Download graph JSON (Neuronpedia schema)", lambda: json.dumps(exported),
                              file_name="attribution-graph.json", mime="application/json")
 if grouped:
     downloads[1].download_button("Download the grouped graph JSON", lambda: json.dumps(to_graph_json(view)),
                                  file_name="attribution-graph-grouped.json", mime="application/json")
+unit_index = show_user_errors(find_index, handle, active_corpus(), feature_units) \
+    if meta.get("scan") == handle.name and (feature_units is not None or meta.get("basis") != "transcoders") else None
+if unit_index is not None:
+    downloads[2].download_button(
+        "Download for circuit-tracer's viewer (zip)", lambda: viewer_zip(handle, exported, unit_index, feature_units,
+                                                                         "circuitscope-graph"),
+        file_name="circuitscope-graph-viewer.zip", mime="application/zip",
+        help="The graph and one feature file per node (its corpus examples): unzip into the folder given to "
+             "circuit_tracer.frontend.local_server.serve(data_dir=...).")

@@ -32,6 +32,25 @@ def _proposed(selection: Selection, handle: ModelHandle) -> str:
         return ""
 
 
+FIELDS = ("corrupt", "answer", "wrong", "metric")
+
+
+def _widget_key(page: str, name: str) -> str:
+    """Each page draws the pair with its own widgets; the pair itself lives in the plain
+    session keys url_<name>, which follow the user from page to page. (Widgets shared by key
+    across pages came back empty on the next page when a page was left while its script
+    still ran, e.g. during patching's exact grid.)"""
+    return f"pair_{page}_{name}"
+
+
+def _set_pair(**values: str) -> None:
+    """Set pair fields (in callbacks): the plain keys, and every page's widget re-reads them."""
+    for name, value in values.items():
+        st.session_state[f"url_{name}"] = value
+        for key in [k for k in st.session_state if str(k).startswith("pair_") and str(k).endswith(f"_{name}")]:
+            del st.session_state[key]
+
+
 def _suggest_tokens(handle: ModelHandle, selection: Selection) -> None:
     """Answer and wrong tokens from where the two runs differ (pairs.default_answer_wrong)."""
     corrupt = st.session_state.get("url_corrupt", "")
@@ -40,43 +59,55 @@ def _suggest_tokens(handle: ModelHandle, selection: Selection) -> None:
     except UserInputError as exc:
         st.session_state.pair_reason = str(exc)
         return
-    st.session_state.url_answer, st.session_state.url_wrong = choice.answer, choice.wrong
+    _set_pair(answer=choice.answer, wrong=choice.wrong)
     st.session_state.pair_reason = choice.reason
 
 
-def pair_inputs(handle: ModelHandle, selection: Selection) -> Pair:
-    """Draw the corrupted prompt, answer, wrong and metric inputs; return the pair."""
-    if "url_corrupt" not in st.session_state and not st.query_params.get("corrupt"):
-        st.session_state.url_corrupt = _proposed(selection, handle)
+def pair_inputs(handle: ModelHandle, selection: Selection, page: str) -> Pair:
+    """Draw the corrupted prompt, answer, wrong and metric inputs; return the pair (the page
+    stops with a message when the corrupted prompt is unusable)."""
     setting_state(PAIR["corrupt"])
-    if "url_answer" not in st.session_state and not st.query_params.get("answer"):
-        _suggest_tokens(handle, selection)
+    if not st.session_state.url_corrupt:
+        st.session_state.url_corrupt = _proposed(selection, handle)
     for name in ("answer", "wrong", "metric"):
         setting_state(PAIR[name])
+    if not st.session_state.url_answer:
+        _suggest_tokens(handle, selection)
+    for name in FIELDS:
+        if _widget_key(page, name) not in st.session_state:
+            st.session_state[_widget_key(page, name)] = st.session_state[f"url_{name}"]
 
     def propose() -> None:
-        st.session_state.url_corrupt = _proposed(selection, handle)
+        _set_pair(corrupt=_proposed(selection, handle))
         _suggest_tokens(handle, selection)
 
     cols = st.columns([4, 1])
-    cols[0].text_input("Corrupted prompt (same token length as the prompt in the sidebar)", key="url_corrupt")
+    cols[0].text_input("Corrupted prompt (same token length as the prompt in the sidebar)",
+                       key=_widget_key(page, "corrupt"))
     cols[1].button("Propose", on_click=propose, help="Swap two names, or replace a country, city, name, pronoun, "
                                                      "number or adjective by another of the same token length; "
                                                      "then suggest answer and wrong tokens.")
     cols = st.columns([2, 2, 2, 1])
-    cols[0].text_input("Answer token", key="url_answer")
-    cols[1].text_input("Wrong token", key="url_wrong", disabled=st.session_state.url_metric == "logprob")
-    cols[2].selectbox("Metric", PAIR["metric"].choices, format_func=METRIC_NAMES.get, key="url_metric")
+    cols[0].text_input("Answer token", key=_widget_key(page, "answer"))
+    cols[2].selectbox("Metric", PAIR["metric"].choices, format_func=METRIC_NAMES.get, key=_widget_key(page, "metric"))
+    cols[1].text_input("Wrong token", key=_widget_key(page, "wrong"),
+                       disabled=st.session_state[_widget_key(page, "metric")] == "logprob")
     cols[3].button("Suggest tokens", on_click=_suggest_tokens, args=(handle, selection),
                    help="The clean run's top token against the corrupted run's; when both runs predict the same "
                         "token, the tokens the corruption lowers and raises most.")
+    for name in FIELDS:
+        st.session_state[f"url_{name}"] = st.session_state[_widget_key(page, name)]
     if st.session_state.get("pair_reason"):
         st.caption(st.session_state.pair_reason)
-    for name in ("corrupt", "answer", "wrong", "metric"):
+    for name in FIELDS:
         write_setting(PAIR[name])
     wrong = st.session_state.url_wrong if st.session_state.url_metric == "logit_diff" else None
-    return Pair(selection.text, selection.with_prompt(st.session_state.url_corrupt), st.session_state.url_answer,
-                wrong, st.session_state.url_metric)
+    try:
+        corrupt = selection.with_prompt(st.session_state.url_corrupt)
+    except UserInputError as exc:
+        st.error(f"Corrupted prompt: {exc}")
+        st.stop()
+    return Pair(selection.text, corrupt, st.session_state.url_answer, wrong, st.session_state.url_metric)
 
 
 def show_scale(metric: dict) -> None:

@@ -41,7 +41,7 @@ st.title("Patching")
 st.caption("Corrupted run with one site restored from the clean run. AtP and RelP appear at once; the exact grid fills "
            "in as its batches finish.")
 selection, handle = current()
-pair = pair_inputs(handle, selection)
+pair = pair_inputs(handle, selection, "patching")
 setting_state(PATCHING["methods"])
 setting_state(PATCHING["freeze_attention"])
 cols = st.columns([3, 1])

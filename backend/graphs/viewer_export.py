@@ -15,7 +15,10 @@ percentiles cannot show exactly: those two fields are left out (the viewer skips
 
 from __future__ import annotations
 
+import io
 import json
+import tempfile
+import zipfile
 from pathlib import Path
 
 from backend.errors import UserInputError
@@ -87,3 +90,15 @@ def export_for_viewer(handle: ModelHandle, graph_json: dict, index: UnitIndex | 
                                                              "node_threshold", "transcoder_list")})
     listing_path.write_text(json.dumps(listing, indent=2))
     return [graph_path, listing_path, *written]
+
+
+def viewer_zip(handle: ModelHandle, graph_json: dict, index: UnitIndex | None, units: UnitSet | None,
+               slug: str) -> bytes:
+    """The same files as ``export_for_viewer``, as a zip to unpack into the viewer's data_dir."""
+    with tempfile.TemporaryDirectory() as folder:
+        written = export_for_viewer(handle, graph_json, index, units, Path(folder), slug)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in written:
+                archive.write(path, path.relative_to(folder))
+    return buffer.getvalue()
