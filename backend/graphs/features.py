@@ -32,6 +32,7 @@ import torch
 
 from backend.errors import UserInputError
 from backend.graphs.attribution import (
+    MAX_NODES_LIMIT,
     RowStore,
     _assemble,
     _members,
@@ -251,7 +252,7 @@ def _error_values(decoded: Decoded, selected: np.ndarray, directions: dict, n_la
     listed = set(selected.tolist())
     with torch.no_grad():
         for source, index, positions, rows in decoded.groups:
-            keep = torch.tensor([int(i) not in listed for i in index.tolist()], dtype=torch.bool)
+            keep = torch.tensor([int(i) not in listed for i in index.tolist()], dtype=torch.bool, device=index.device)
             for slot in range(rows.shape[1]):
                 effect = (rows[keep, slot] * v[source + slot, positions[keep]]).sum(-1)
                 values[source].index_add_(0, positions[keep], effect)
@@ -282,8 +283,6 @@ def feature_graph(
     """The attribution graph of ``prompt`` over the features of the transcoder set in the
     folder ``transcoders`` (cached by model, set, prompt, settings). ``include`` lists
     active features (layer, position, feature) that must become nodes."""
-    from backend.graphs.attribution import MAX_NODES_LIMIT
-
     if not 0 <= max_nodes <= MAX_NODES_LIMIT:
         raise UserInputError(f"max nodes must be between 0 and {MAX_NODES_LIMIT} (got {max_nodes}).")
     if batch_size < 1:
