@@ -158,6 +158,22 @@ class ReplacementBrute:
                            {l: torch.zeros_like(e) for l, e in self.errors.items()})
 
 
+def assert_edges_and_errors_equal(graph: AttributionGraph, brute: ReplacementBrute,
+                                  error_positions: tuple[int, ...]) -> None:
+    """Every feature and embedding column, the error columns at ``error_positions`` and the
+    bias of every row with inputs; every error node's value."""
+    rows = graph.target_rows()
+    scale = np.abs(graph.adjacency[rows]).max()
+    sources = list(range(graph.n_features)) + list(range(graph.embed_slice.start, graph.embed_slice.stop))
+    sources += [graph.other_index(l, p) for l in range(graph.n_layers) for p in error_positions]
+    for source in sources:
+        np.testing.assert_allclose(graph.adjacency[rows, source], brute.edge_column(source)[rows], atol=2e-5 * scale,
+                                   err_msg=graph.node_label(source))
+    np.testing.assert_allclose(graph.adjacency[rows, graph.bias_index], brute.biases()[rows], atol=2e-5 * scale)
+    errors = brute.error_values()
+    np.testing.assert_allclose(graph.node_values[graph.error_slice], errors, atol=1e-4 * np.abs(errors).max())
+
+
 def test_feature_edges_and_biases_equal_the_replacement_model_by_hand(llama, skip_set):
     folder, layers = skip_set
     graph = feature_graph(llama, PROMPT, str(folder), max_nodes=12, batch_size=5)
@@ -165,19 +181,11 @@ def test_feature_edges_and_biases_equal_the_replacement_model_by_hand(llama, ski
     brute = ReplacementBrute(llama, graph, layers)
     rows = graph.target_rows()
     assert rows == list(range(12)) + list(range(graph.logit_slice.start, graph.n_nodes))  # errors: no inputs
-    scale = np.abs(graph.adjacency[rows]).max()
-    sources = list(range(graph.n_features)) + list(range(graph.embed_slice.start, graph.embed_slice.stop))
-    sources += [graph.other_index(l, p) for l in range(graph.n_layers) for p in (0, 4, graph.n_pos - 1)]
-    for source in sources:
-        np.testing.assert_allclose(graph.adjacency[rows, source], brute.edge_column(source)[rows], atol=2e-5 * scale,
-                                   err_msg=graph.node_label(source))
-    np.testing.assert_allclose(graph.adjacency[rows, graph.bias_index], brute.biases()[rows], atol=2e-5 * scale)
+    assert_edges_and_errors_equal(graph, brute, error_positions=(0, 4, graph.n_pos - 1))
     np.testing.assert_allclose(graph.node_values[rows], brute.clean_values()[rows],
                                atol=2e-5 * np.abs(graph.node_values[rows]).max())
     np.testing.assert_allclose(graph.activations, [float(brute.acts[l][p, f]) for l, p, f in graph.features],
                                rtol=1e-5)
-    errors = brute.error_values()
-    np.testing.assert_allclose(graph.node_values[graph.error_slice], errors, atol=1e-4 * np.abs(errors).max())
     assert relative_conservation_error(graph) < 1e-4
 
 
@@ -287,16 +295,7 @@ def test_cross_layer_edges_equal_the_replacement_model_by_hand(llama, tmp_path):
     write_clt(tmp_path / "clt", layers)
     graph = feature_graph(llama, PROMPT, str(tmp_path / "clt"), max_nodes=10, batch_size=4)
     brute = ReplacementBrute(llama, graph, layers)
-    rows = graph.target_rows()
-    scale = np.abs(graph.adjacency[rows]).max()
-    sources = list(range(graph.n_features)) + list(range(graph.embed_slice.start, graph.embed_slice.stop))
-    sources += [graph.other_index(l, p) for l in range(graph.n_layers) for p in (0, 5, graph.n_pos - 1)]
-    for source in sources:
-        np.testing.assert_allclose(graph.adjacency[rows, source], brute.edge_column(source)[rows], atol=2e-5 * scale,
-                                   err_msg=graph.node_label(source))
-    np.testing.assert_allclose(graph.adjacency[rows, graph.bias_index], brute.biases()[rows], atol=2e-5 * scale)
-    errors = brute.error_values()
-    np.testing.assert_allclose(graph.node_values[graph.error_slice], errors, atol=1e-4 * np.abs(errors).max())
+    assert_edges_and_errors_equal(graph, brute, error_positions=(0, 5, graph.n_pos - 1))
     assert relative_conservation_error(graph) < 1e-4
     assert any(f[0] < 2 for f in graph.features)  # early features, whose writes span several layers, are listed
 

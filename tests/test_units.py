@@ -369,3 +369,24 @@ def test_checkpoint_state_round_trips(tmp_path):
         assert torch.equal(getattr(loaded.layers[0].top, name), getattr(layer.top, name))
     assert torch.equal(loaded.layers[0].hist, layer.hist)
     json.dumps(store.read_meta(tmp_path) or {})  # no meta: not an index
+
+
+def test_a_background_build_reports_progress_and_ends_ready(tmp_path, monkeypatch):
+    """The pages' background build (units.service.ensure_building on runtime.jobs): one job
+    per index while it runs, progress reported, then the index is found complete."""
+    import time
+
+    from backend.units.service import ensure_building, index_status
+
+    monkeypatch.setenv("CIRCUITSCOPE_INDEX_DIR", str(tmp_path / "indexes"))
+    handle = tiny_handle("llama")
+    make_corpus(tmp_path / "corpus.txt", n_docs=60)
+    corpus = Corpus(str(tmp_path / "corpus.txt"))
+    job = ensure_building(handle, corpus, tokens=3000, context=24)
+    assert ensure_building(handle, corpus, tokens=3000, context=24) is job or not job.is_running
+    deadline = time.monotonic() + 120
+    while job.is_running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.state == "done" and job.fraction == 1.0, job.message
+    status = index_status(handle, corpus, tokens=3000, context=24)
+    assert status["state"] == "ready", status

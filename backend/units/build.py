@@ -33,6 +33,7 @@ import torch
 
 from backend.errors import UserInputError
 from backend.runtime.hooks import hooked
+from backend.runtime.jobs import Cancelled
 from backend.runtime.models import ModelHandle
 from backend.runtime.prompts import BOS_MODES, document_start, starts_with_special
 from backend.units import index as store
@@ -45,8 +46,6 @@ EXAMPLE_FIELDS = [f.name for f in fields(stats.Examples)]
 Progress = Callable[[float, str], None]
 
 
-class Cancelled(Exception):
-    """The build was cancelled; its checkpoint is kept and a later build resumes it."""
 
 
 def checkpoint_seconds() -> float:

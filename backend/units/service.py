@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend.errors import UserInputError
+from backend.runtime.jobs import Job, job_for, start_job
 from backend.runtime.models import ModelHandle
 from backend.units import index as store
-from backend.units.build import Cancelled, build_index, exclusive, make_spec, read_progress
+from backend.units.build import build_index, exclusive, make_spec, read_progress
 from backend.units.corpus import Corpus
 from backend.units.unitset import Neurons, UnitSet, model_fingerprint
 
@@ -68,53 +67,18 @@ def index_at(handle: ModelHandle, directory: Path, units: UnitSet | None = None)
 # ---------------------------------------------------------------- background builds
 
 
-@dataclass
-class Job:
-    directory: Path
-    cancel: threading.Event = field(default_factory=threading.Event)
-    state: str = "building"  # building, done, failed, cancelled
-    fraction: float = 0.0
-    message: str = "starting"
-
-
-_jobs: dict[Path, Job] = {}
-_jobs_lock = threading.Lock()
-
-
 def ensure_building(handle: ModelHandle, corpus: Corpus, tokens: int = store.DEFAULT_TOKENS,
                     context: int = store.DEFAULT_CONTEXT, units: UnitSet | None = None) -> Job:
     """Start building this index in the background unless it exists or is being built here."""
     units = units or Neurons.of(handle)
     directory = make_spec(handle, units, corpus, context, tokens).default_dir()
-    with _jobs_lock:
-        job = _jobs.get(directory)
-        if job is not None and job.state == "building":
-            return job
-        job = Job(directory)
-        _jobs[directory] = job
 
-    def report(fraction: float, message: str) -> None:
-        job.fraction, job.message = fraction, message
+    def work(job: Job) -> None:
+        build_index(handle, corpus, context=context, tokens=tokens, directory=directory, units=units,
+                    batch_tokens=BACKGROUND_BATCH_TOKENS, progress=job.report, cancel=job.cancel)
 
-    def run() -> None:
-        try:
-            build_index(handle, corpus, context=context, tokens=tokens, directory=directory, units=units,
-                        batch_tokens=BACKGROUND_BATCH_TOKENS, progress=report, cancel=job.cancel)
-            job.state, job.message = "done", "index complete"
-        except Cancelled:
-            job.state, job.message = "cancelled", "cancelled; building again resumes where it stopped"
-        except UserInputError as exc:
-            job.state, job.message = "failed", str(exc)
-        except Exception as exc:  # shown on the page; the checkpoint stays for a retry
-            job.state, job.message = "failed", f"{type(exc).__name__}: {exc}"
-
-    threading.Thread(target=run, name="circuitscope-index", daemon=True).start()
-    return job
-
-
-def job_for(directory: Path) -> Job | None:
-    with _jobs_lock:
-        return _jobs.get(directory)
+    return start_job(directory, "building", work, done="index complete",
+                     cancelled="cancelled; building again resumes where it stopped")
 
 
 def index_status(handle: ModelHandle, corpus: Corpus, tokens: int = store.DEFAULT_TOKENS,
