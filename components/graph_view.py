@@ -111,6 +111,7 @@ def graph_figure(
     unit_labels: dict[str, str] | None = None,
     max_links: int = 400,
     height: int = 700,
+    kind_names: dict[str, str] | None = None,
 ) -> go.Figure:
     """The clickable graph. ``labels`` maps node ids to names written beside them (supernode
     names, the user's node labels); ``unit_labels`` (automatic or edited unit labels, one per
@@ -150,7 +151,7 @@ def graph_figure(
                 customdata=[[n.node_id] for n in members],
                 hovertext=[_hover(n, labels.get(n.node_id) or unit_labels.get(n.node_id)) for n in members],
                 hoverinfo="text",
-                name=kind,
+                name=(kind_names or {}).get(kind, kind),
             )
         )
     layers = [n.layer for n in nodes] or [0]

@@ -160,6 +160,7 @@ meta = full_view.metadata
 feature_units = show_user_errors(open_transcoders, meta["transcoders"], handle) \
     if meta.get("basis") == "transcoders" and meta.get("transcoders") else None
 unit_word = "feature" if meta.get("basis") == "transcoders" else "neuron"
+kind_names = {"neuron": unit_word, "other": "error" if meta.get("basis") == "transcoders" else "other neurons"}
 selected = full_view.canonical_id(selected) if selected else selected
 pinned = [full_view.canonical_id(p) for p in pinned]
 supernodes = [[name, *(full_view.canonical_id(m) for m in members)] for name, *members in supernodes]
@@ -214,7 +215,7 @@ labels = {**({} if grouped else {member: name for name, *members in supernodes f
 left, right = st.columns([3, 2])
 with left:
     figure = graph_figure(shown, view.links, view.tokens, selected=selected, pinned=set(pinned), labels=labels,
-                          unit_labels=unit_labels, max_links=max_links)
+                          unit_labels=unit_labels, max_links=max_links, kind_names=kind_names)
     event = chart(figure, "graph_chart", export=f"Attribution graph: {''.join(view.tokens)}", on_select="rerun",
                   selection_mode="points")
     follow_click(selected_node_id(event), "node")
@@ -282,7 +283,8 @@ with right:
         st.info("Click a node in the graph to see what feeds it and what it feeds.")
     else:
         st.subheader(node.label)
-        st.caption(f"{node.kind} · layer {node.layer} · position {node.ctx_idx} · id {node.node_id}")
+        st.caption(f"{kind_names.get(node.kind, node.kind)} · layer {node.layer} · position {node.ctx_idx} · "
+                   f"id {node.node_id}")
         facts = st.columns(3)
         if node.activation is not None:
             facts[0].metric(
