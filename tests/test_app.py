@@ -352,3 +352,18 @@ def test_graph_page_offers_the_default_transcoder_set(app, smollm2, smollm2_tran
     assert any(m.label == "Nodes shown" for m in app.metric)
     assert "feature" in [option for box in app.multiselect for option in box.options]  # the basis changed
     assert not any(b.label == "Use the default transcoder set" for b in app.button)
+
+
+def test_suggest_tokens_reads_the_corrupted_prompt_just_typed(app, smollm2):
+    """Suggest right after editing the corrupted prompt uses the edited text (the field is
+    copied to the shared pair only as the page runs)."""
+    app.switch_page("views/patching.py")
+    app.query_params.update(prompt="The capital of France is", methods="atp")
+    app.run()
+    assert app.text_input(key="pair_patching_wrong").value == " Rome"  # proposed: Italy
+    app.text_input(key="pair_patching_corrupt").input("The capital of Japan is")
+    next(b for b in app.button if b.label == "Suggest tokens").click().run()
+    assert not app.exception
+    assert app.text_input(key="pair_patching_corrupt").value == "The capital of Japan is"
+    assert app.text_input(key="pair_patching_answer").value == " Paris"
+    assert app.text_input(key="pair_patching_wrong").value == " Tokyo"

@@ -51,9 +51,14 @@ def _set_pair(**values: str) -> None:
             del st.session_state[key]
 
 
-def _suggest_tokens(handle: ModelHandle, selection: Selection) -> None:
-    """Answer and wrong tokens from where the two runs differ (pairs.default_answer_wrong)."""
-    corrupt = st.session_state.get("url_corrupt", "")
+def _suggest_tokens(handle: ModelHandle, selection: Selection, page: str | None = None) -> None:
+    """Answer and wrong tokens from where the two runs differ (pairs.default_answer_wrong);
+    ``page``: read the corrupted prompt as that page's field holds it now (a click right
+    after an edit comes before the page copies the field to the pair)."""
+    corrupt = st.session_state.get(_widget_key(page, "corrupt")) if page else None
+    corrupt = corrupt if corrupt is not None else st.session_state.get("url_corrupt", "")
+    if page:
+        _set_pair(corrupt=corrupt)
     try:
         choice = default_answer_wrong(handle, selection.text, selection.with_prompt(corrupt), selection.target or None)
     except UserInputError as exc:
@@ -92,7 +97,7 @@ def pair_inputs(handle: ModelHandle, selection: Selection, page: str) -> Pair:
     cols[2].selectbox("Metric", PAIR["metric"].choices, format_func=METRIC_NAMES.get, key=_widget_key(page, "metric"))
     cols[1].text_input("Wrong token", key=_widget_key(page, "wrong"),
                        disabled=st.session_state[_widget_key(page, "metric")] == "logprob")
-    cols[3].button("Suggest tokens", on_click=_suggest_tokens, args=(handle, selection),
+    cols[3].button("Suggest tokens", on_click=_suggest_tokens, args=(handle, selection, page),
                    help="The clean run's top token against the corrupted run's; when both runs predict the same "
                         "token, the tokens the corruption lowers and raises most.")
     for name in FIELDS:
