@@ -451,8 +451,9 @@ class Neuron(Command):
 
 
 class FitTranscoders(Command):
-    name, help = "fit-transcoders", ("fit per-layer TopK transcoders (EleutherAI sparsify) on the corpus and write "
-                                     "them in circuit-tracer's format; resumable per layer")
+    name, help = "fit-transcoders", ("fit transcoders on the corpus (per-layer TopK with EleutherAI sparsify; ReLU, "
+                                     "JumpReLU and cross-layer sets with our loop) and write them in circuit-tracer's "
+                                     "format; resumable")
     uses_prompt = False
     writes_json = False
 
@@ -462,12 +463,15 @@ class FitTranscoders(Command):
         defaults = FitSettings()
         _corpus_argument(parser)
         parser.add_argument("--features", type=int, default=defaults.features, help="features per layer")
-        parser.add_argument("--k", type=int, default=defaults.k, help="active features per token (TopK)")
+        parser.add_argument("--k", type=int, default=defaults.k,
+                            help="active features per token: exact for topk, the target mean for relu/jumprelu")
         parser.add_argument("--tokens", type=int, default=defaults.tokens, help="corpus tokens (10%% held out)")
         parser.add_argument("--context", type=int, default=defaults.context, help="tokens per document (truncated)")
         parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training tokens")
-        parser.add_argument("--kind", default="plt", help="plt (per-layer); clt is not supported yet")
-        parser.add_argument("--activation", default="topk", help="topk (others are not supported yet)")
+        parser.add_argument("--kind", default=defaults.kind,
+                            help="plt (per-layer) or clt (cross-layer: each layer's features write to every later MLP)")
+        parser.add_argument("--activation", default=defaults.activation,
+                            help="topk, relu or jumprelu (clt: relu|jumprelu)")
         parser.add_argument("--skip", action="store_true", help="also fit a linear skip connection W_skip")
         parser.add_argument("--out", type=Path, required=True, help="the folder to write the set into")
 
@@ -475,12 +479,8 @@ class FitTranscoders(Command):
         from backend.replacement.fit import FitSettings, fit_transcoders
         from backend.units.corpus import corpus_from
 
-        if args.kind != "plt":
-            raise UserInputError(f"--kind {args.kind}: only per-layer transcoders (plt) can be fitted so far.")
-        if args.activation != "topk":
-            raise UserInputError(f"--activation {args.activation}: only topk can be fitted so far.")
         settings = FitSettings(features=args.features, k=args.k, tokens=args.tokens, context=args.context,
-                               epochs=args.epochs, skip=args.skip)
+                               epochs=args.epochs, skip=args.skip, kind=args.kind, activation=args.activation)
         with _progress_bar() as progress:
             reports = fit_transcoders(handle, corpus_from(args.corpus), args.out, settings, progress)
         for r in reports:

@@ -27,7 +27,8 @@ IOI = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 FRANCE = "The capital of France is"
 SECTIONS = ("load", "threads", "lens", "graph", "subject", "graph_vs_brute", "patching", "circuit", "paths",
-            "controls", "units", "index_full", "browser", "transformer_lens", "transcoder_graphs", "circuit_tracer")
+            "controls", "units", "index_full", "browser", "transformer_lens", "transcoder_graphs", "circuit_tracer",
+            "transcoder_fitting")
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # .venv + transformer-lens (make bench-venv)
 CT_PYTHON = ROOT / ".venv-ct" / "bin" / "python"  # .venv + circuit-tracer 0.5.0 (make ct-venv)
 PUBLISHED_GPT2_IOI = {"resid_pre": {"atp": 0.753, "relp": 0.968}, "attn_out": {"atp": 0.979, "relp": 0.962},
@@ -659,6 +660,49 @@ def section_circuit_tracer() -> dict:
 
 
 # ---------------------------------------------------------------- driver
+
+
+def section_transcoder_fitting() -> dict:
+    """Issue 17's fitting kinds side by side on the same SmolLM2 activations (12k corpus tokens,
+    10% held out): one layer fitted as TopK (sparsify), ReLU and JumpReLU (our loop) at the
+    default size (4096 features, k / target L0 32, 6 epochs): held-out FVU, dead fraction,
+    held-out L0, seconds; then a JumpReLU cross-layer set (512 features per layer, target L0
+    8, 2 epochs) over every layer: held-out FVU per layer and seconds."""
+    import numpy as np
+    import torch
+
+    from backend.replacement.fit import FitSettings, _spec, collect, held_out_quality, train_layer
+    from backend.replacement.sparse_training import train_sparse
+    from backend.replacement.transcoders import TranscoderSet
+    from backend.runtime.models import get_model
+    from backend.units.corpus import corpus_from
+
+    handle = get_model("smollm2")
+    layer, tokens = 6, 12_000
+    work = Path(tempfile.mkdtemp())
+    collect_s, (xs, ys, held) = timed(lambda: collect(handle, corpus_from(None), FitSettings(tokens=tokens),
+                                                      work, lambda f, m: None))
+    out: dict = {"tokens": xs.shape[1], "held_out_tokens": xs.shape[1] - held, "collect_s": round(collect_s, 1),
+                 "layer": layer}
+    for activation in ("topk", "relu", "jumprelu"):
+        settings = FitSettings(tokens=tokens, activation=activation)
+        seconds, (fitted, fvu, dead) = timed(lambda: train_layer(xs[layer], ys[layer], held, settings,
+                                                                 handle.device, lambda f, m: None))
+        reader = TranscoderSet([fitted], {"topk": "relu_topk"}.get(activation, activation),
+                               settings.k if activation == "topk" else None, "", "", "")
+        l0 = float((reader.encode(0, torch.from_numpy(np.asarray(xs[layer, held:], dtype=np.float32))) != 0)
+                   .float().sum(1).mean())
+        out[activation] = {"fvu": round(fvu, 3), "dead_fraction": round(dead, 3), "held_out_l0": round(l0, 1),
+                           "seconds": round(seconds, 1)}
+    clt = FitSettings(tokens=tokens, features=512, k=8, epochs=2, kind="clt", activation="jumprelu")
+    seconds, (layers, decoders) = timed(lambda: train_sparse(
+        xs[:, :held], ys[:, :held], _spec(clt), cross_layer=True, skip=False, device=handle.device,
+        report=lambda f, m: None))
+    fvus, dead = held_out_quality(layers, decoders, clt, xs[:, held:], ys[:, held:])
+    out["clt_jumprelu_512"] = {"fvu_per_layer": [round(f, 3) for f in fvus],
+                               "median_fvu": round(float(np.median(fvus)), 3),
+                               "median_dead_fraction": round(float(np.median(dead)), 3), "seconds": round(seconds, 1)}
+    return out
 
 
 def run_child(name: str) -> dict:

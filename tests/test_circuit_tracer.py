@@ -17,10 +17,13 @@ import numpy as np
 import pytest
 
 from backend.graphs.features import feature_graph
+from backend.replacement.fit import FitSettings, fit_transcoders
 from backend.runtime.prompts import encode_prompt
+from backend.units.corpus import Corpus
 from tests.test_feature_graph import clt_layers, write_clt
 from tests.test_graph import PROMPT
 from tests.test_transcoders import layer_tensors, write_set
+from tests.test_units import make_corpus
 from tests.tiny import tiny_handle
 
 CT_PYTHON = Path(__file__).resolve().parents[1] / ".venv-ct" / "bin" / "python"
@@ -54,13 +57,18 @@ def setup(tmp_path_factory):
         t["b_dec"] *= 0.05
     write_set(root / "tc", layers)
     write_clt(root / "clt", clt_layers(40))
+    make_corpus(root / "corpus.txt", n_docs=400)
+    for name, kind in (("fitted-jumprelu", "plt"), ("fitted-clt", "clt")):  # our writers, read by their loaders
+        settings = FitSettings(features=32, k=4, tokens=2500, context=24, epochs=10, kind=kind, activation="jumprelu")
+        fit_transcoders(handle, Corpus(str(root / "corpus.txt")), root / name, settings)
     prompt = "<eos>" + PROMPT
     return handle, root, prompt, encode_prompt(handle, prompt)
 
 
-@pytest.mark.parametrize("kind", ["tc", "clt"])
+@pytest.mark.parametrize("kind", ["tc", "clt", "fitted-jumprelu", "fitted-clt"])
 def test_every_active_feature_graph_equals_circuit_tracers(setup, kind):
-    """Per-layer (relu, skip) and cross-layer sets."""
+    """Per-layer (relu, skip) and cross-layer sets written by hand; JumpReLU sets, per-layer
+    and cross-layer, fitted and written by fit-transcoders."""
     handle, root, prompt, ids = setup
     theirs = run_circuit_tracer(root / "model", root / kind, ids, root / f"all-{kind}.npz")
     ours = feature_graph(handle, prompt, str(root / kind), max_nodes=5000)

@@ -39,9 +39,31 @@ def test_a_feature_dashboard_by_the_cli(smollm2, smollm2_transcoders, tmp_path):
 
 def test_bad_transcoder_input_exits_2(smollm2, tmp_path, capsys):
     assert main(["fit-transcoders", "--kind", "clt", "--out", str(tmp_path / "x")]) == 2
+    assert "TopK is per-layer only" in capsys.readouterr().err
+    assert main(["fit-transcoders", "--kind", "clt", "--activation", "relu", "--features", "65536",
+                 "--out", str(tmp_path / "x")]) == 2  # about 280 GB of weights and optimizer state
+    assert "Use --features" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["neuron", "--transcoders", str(tmp_path), "--layer", "0", "--neuron", "0",
                  "--out", str(tmp_path / "n.json")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_a_cross_layer_set_fitted_and_drawn_by_the_cli(smollm2, tmp_path):
+    """`fit-transcoders --kind clt --activation jumprelu` on SmolLM2, then `graph --transcoders`:
+    every layer's features write to every later MLP output, held-out FVU below the mean's."""
+    from backend.replacement.transcoders import load_transcoders
+
+    folder = tmp_path / "clt"
+    assert main(["fit-transcoders", "--kind", "clt", "--activation", "jumprelu", "--features", "32", "--k", "4",
+                 "--tokens", "3000", "--context", "64", "--epochs", "4", "--out", str(folder)]) == 0
+    loaded = load_transcoders(folder, smollm2)
+    assert loaded.cross_layer is not None and loaded.span(0) == smollm2.adapter.n_layers
+    report = json.loads((folder / "report.json").read_text())
+    assert len(report) == smollm2.adapter.n_layers and all(r["fvu"] < 1 for r in report), report
+    out = tmp_path / "graph.json"
+    assert main(["graph", "--prompt", "The capital of France is", "--max-nodes", "20",
+                 "--transcoders", str(folder), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["metadata"]["basis"] == "transcoders"
 
 
 def test_a_feature_graph_by_the_cli(smollm2, smollm2_transcoders, tmp_path):

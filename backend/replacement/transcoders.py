@@ -439,10 +439,26 @@ def save_layer(t: LayerTranscoder, path: Path) -> None:
     os.replace(partial, path)
 
 
-def write_config(folder: Path, n_layers: int, activation: str, k: int | None, scan: str) -> None:
-    spec = {"model_kind": "transcoder_set", "scan": scan, "feature_input_hook": "mlp.hook_in",
-            "feature_output_hook": "mlp.hook_out", "activation": activation,
-            "transcoders": [str((folder / f"layer_{i}.safetensors").resolve()) for i in range(n_layers)]}
+def save_cross_layer(folder: Path, layers: list[LayerTranscoder], decoders: list[torch.Tensor]) -> None:
+    """circuit-tracer's cross-layer files (as ``_read_cross_layer`` reads them); decoders[i] is
+    [d_tc, n_layers - i, d_model]."""
+    for i, (t, decoder) in enumerate(zip(layers, decoders)):
+        encoder = {f"W_enc_{i}": t.W_enc, f"b_enc_{i}": t.b_enc, f"b_dec_{i}": t.b_dec}
+        if t.threshold is not None:
+            encoder[f"threshold_{i}"] = t.threshold
+        for name, tensors in ((f"W_enc_{i}", encoder), (f"W_dec_{i}", {f"W_dec_{i}": decoder})):
+            partial = folder / f"{name}.partial"
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial))
+            os.replace(partial, folder / f"{name}.safetensors")
+
+
+def write_config(folder: Path, n_layers: int, activation: str, k: int | None, scan: str,
+                 cross_layer: bool = False) -> None:
+    """config.yaml, written last (atomically): a folder without it never loads."""
+    spec: dict = {"model_kind": "cross_layer_transcoder" if cross_layer else "transcoder_set", "scan": scan,
+                  "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out", "activation": activation}
+    if not cross_layer:
+        spec["transcoders"] = [str((folder / f"layer_{i}.safetensors").resolve()) for i in range(n_layers)]
     if k is not None:
         spec["k"] = int(k)
     partial = folder / "config.yaml.partial"
