@@ -666,20 +666,25 @@ def section_transcoder_fitting() -> dict:
     """Issue 17's fitting kinds side by side on the same SmolLM2 activations (12k corpus tokens,
     10% held out): one layer fitted as TopK (sparsify), ReLU and JumpReLU (our loop) at the
     default size (4096 features, k / target L0 32, 6 epochs): held-out FVU, dead fraction,
-    held-out L0, seconds; then a JumpReLU cross-layer set (512 features per layer, target L0
-    8, 2 epochs) over every layer: held-out FVU per layer and seconds."""
+    held-out L0, seconds; then JumpReLU sets over every layer, cross-layer and per-layer at the
+    same width (512 features per layer), target L0 (8) and steps (2 epochs, trained jointly):
+    held-out FVU per layer and seconds."""
+    from backend.runtime.models import get_model
+
+    handle = get_model("smollm2")
+    with tempfile.TemporaryDirectory() as work:  # about 1 GB of collected activations
+        return _fitting_kinds(handle, Path(work), layer=6, tokens=12_000)
+
+
+def _fitting_kinds(handle, work: Path, layer: int, tokens: int) -> dict:
     import numpy as np
     import torch
 
     from backend.replacement.fit import FitSettings, _spec, collect, held_out_quality, train_layer
     from backend.replacement.sparse_training import train_sparse
     from backend.replacement.transcoders import TranscoderSet
-    from backend.runtime.models import get_model
     from backend.units.corpus import corpus_from
 
-    handle = get_model("smollm2")
-    layer, tokens = 6, 12_000
-    work = Path(tempfile.mkdtemp())
     collect_s, (xs, ys, held) = timed(lambda: collect(handle, corpus_from(None), FitSettings(tokens=tokens),
                                                       work, lambda f, m: None))
     out: dict = {"tokens": xs.shape[1], "held_out_tokens": xs.shape[1] - held, "collect_s": round(collect_s, 1),
@@ -694,14 +699,15 @@ def section_transcoder_fitting() -> dict:
                    .float().sum(1).mean())
         out[activation] = {"fvu": round(fvu, 3), "dead_fraction": round(dead, 3), "held_out_l0": round(l0, 1),
                            "seconds": round(seconds, 1)}
-    clt = FitSettings(tokens=tokens, features=512, k=8, epochs=2, kind="clt", activation="jumprelu")
-    seconds, (layers, decoders) = timed(lambda: train_sparse(
-        xs[:, :held], ys[:, :held], _spec(clt), cross_layer=True, skip=False, device=handle.device,
-        report=lambda f, m: None))
-    fvus, dead = held_out_quality(layers, decoders, clt, xs[:, held:], ys[:, held:])
-    out["clt_jumprelu_512"] = {"fvu_per_layer": [round(f, 3) for f in fvus],
-                               "median_fvu": round(float(np.median(fvus)), 3),
-                               "median_dead_fraction": round(float(np.median(dead)), 3), "seconds": round(seconds, 1)}
+    small = FitSettings(tokens=tokens, features=512, k=8, epochs=2, kind="clt", activation="jumprelu")
+    for kind in ("clt", "plt"):  # the same width, target L0 and steps: cross-layer vs per-layer
+        seconds, (layers, decoders) = timed(lambda: train_sparse(
+            xs[:, :held], ys[:, :held], _spec(small), cross_layer=kind == "clt", skip=False, device=handle.device,
+            report=lambda f, m: None))
+        fvus, dead = held_out_quality(layers, decoders, small, xs[:, held:], ys[:, held:])
+        out[f"{kind}_jumprelu_512_all_layers"] = {
+            "fvu_per_layer": [round(f, 3) for f in fvus], "median_fvu": round(float(np.median(fvus)), 3),
+            "median_dead_fraction": round(float(np.median(dead)), 3), "seconds": round(seconds, 1)}
     return out
 
 
