@@ -101,26 +101,48 @@ def is_scored(handle: ModelHandle, clean: str, corrupt: str, answer: str, wrong:
     return scored_cache.peek(("scored_pair", handle.cache_key, clean, corrupt, measured, method, steps)) is not None
 
 
+def _divisor(clean_run: ComponentRun, corrupt_run: ComponentRun, metric: Metric) -> float:
+    """What the metric is divided by before its gradient: the clean − corrupted span when normalized."""
+    scale = make_scale(float(clean_run.value.detach()), float(corrupt_run.value), metric.label)
+    return scale.span if scale.normalized else 1.0
+
+
+def _integrated_gradients(handle, clean_t, metric: Metric, clean_run: ComponentRun, corrupt_run: ComponentRun,
+                          steps: int, report) -> torch.Tensor:
+    """The receivers' gradients averaged over the inputs corrupt + (k / steps)(clean − corrupt),
+    k = 0 .. steps − 1 (EAP-IG's left Riemann sum on the input embeddings)."""
+    divisor = _divisor(clean_run, corrupt_run, metric)
+    clean_embed, corrupt_embed = clean_run.outputs[0:1], corrupt_run.outputs[0:1]
+    grads = None
+    with torch.enable_grad():
+        for k in range(steps):
+            report(0.1 + 0.9 * k / steps, f"gradients: step {k + 1}/{steps}")
+            embed = corrupt_embed + (k / steps) * (clean_embed - corrupt_embed)
+            step_grads = _receiver_gradients(component_forward(handle, clean_t, metric, embed=embed), divisor)
+            grads = step_grads if grads is None else grads + step_grads
+    assert grads is not None
+    return grads / steps
+
+
 def _score(handle, clean_ids, corrupt_ids, metric: Metric, method: str, steps: int, progress) -> ScoredPair:
     report = progress or (lambda fraction, message: None)
     start = time.perf_counter()
     clean_t, corrupt_t = handle.ids(clean_ids), handle.ids(corrupt_ids)
+    report(0.0, "clean and corrupted runs")
     with torch.no_grad():  # each pass takes the model's lock itself, so other requests interleave
-        report(0.0, "clean and corrupted runs")
-        clean_run = component_forward(handle, clean_t, metric)
         corrupt_run = component_forward(handle, corrupt_t, metric)
+    if method == "eap":  # EAP's one gradient is taken at the clean input: the clean run gives it too
+        with torch.enable_grad():
+            clean_run = component_forward(handle, clean_t, metric)
+            divisor = _divisor(clean_run, corrupt_run, metric)
+            grads = _receiver_gradients(clean_run, divisor)
+        clean_run = ComponentRun(clean_run.outputs.detach(), [], clean_run.final_read.detach(),
+                                 clean_run.value.detach())
+    else:
+        with torch.no_grad():
+            clean_run = component_forward(handle, clean_t, metric)
+        grads = _integrated_gradients(handle, clean_t, metric, clean_run, corrupt_run, steps, report)
     scale = make_scale(float(clean_run.value), float(corrupt_run.value), metric.label)
-    divisor = scale.span if scale.normalized else 1.0
-    clean_embed, corrupt_embed = clean_run.outputs[0:1], corrupt_run.outputs[0:1]
-    alphas = [1.0] if method == "eap" else [k / steps for k in range(steps)]
-    grads = None
-    with torch.enable_grad():
-        for k, alpha in enumerate(alphas):
-            report(0.1 + 0.9 * k / len(alphas), f"gradients: step {k + 1}/{len(alphas)}")
-            embed = corrupt_embed + alpha * (clean_embed - corrupt_embed)
-            step_grads = _receiver_gradients(component_forward(handle, clean_t, metric, embed=embed), divisor)
-            grads = step_grads if grads is None else grads + step_grads
-    grads /= len(alphas)
     diff = corrupt_run.outputs - clean_run.outputs
     scores = torch.einsum("spd,rpd->srp", diff.double(), grads.double()).cpu().numpy()
     allowed = layout(handle).allowed()
