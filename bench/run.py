@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -437,45 +438,67 @@ def section_index_full() -> dict:
 
 
 def section_browser() -> dict:
-    """Per page, on a warm server (model loaded; each page's analysis not yet cached), in
-    Debian's Chromium: seconds from navigation to the first feedback (a progress bar or a
-    result), to the first drawn figure, and to the final view (the script idle). Budget: a
-    first useful result within 3 s (for the graph, its progress by phase)."""
+    """Per page, on a warm server (model loaded; each page's analysis not yet cached; no index
+    build in the background), in Debian's Chromium: seconds from navigation to the first
+    feedback (a progress bar or a result), to the first drawn figure, and to the final view
+    (the script idle). Full loads by URL are repeated on three IOI-style prompts (nothing
+    cached: each prompt is new) and reported as median and max; then each page once by a
+    sidebar click. Budget: a first useful result within 3 s (for the graph, its progress by
+    phase). Browser and server share the 2 cores here."""
+    import statistics
+
     from tests.browser import chromium_page, served_app
 
     figure = "[data-testid='stPlotlyChart']:visible, [data-testid='stDataFrame']:visible"  # a drawn result
     progress = "[data-testid='stProgress']"
     pages = ["inspector", "heatmaps", "graph", "patching", "circuit", "paths", "units", "attention", "gallery", ""]
-    out = {}
-    with served_app({"CIRCUITSCOPE_EXAMPLES": "0"}) as url, chromium_page(height=1400) as page:
+    prompts = ["When Mary and John went to the store, John gave a drink to",
+               "When Anna and Tom went to the park, Tom gave a ball to",
+               "When Lisa and Mark went to the shop, Mark gave a book to"]
+    runs: dict[str, list[dict]] = {path or "start": [] for path in pages}
+    out: dict = {}
+    with served_app({"CIRCUITSCOPE_EXAMPLES": "0", "CIRCUITSCOPE_INDEX_AUTOBUILD": "0"}) as url, \
+            chromium_page(height=1400) as page:
         page.goto(f"{url}/inspector?prompt=warm+up")  # load the model once
         page.locator(figure).first.wait_for(timeout=300_000)
-        for path in pages:
-            print(f"[bench] browser: /{path}", file=sys.stderr, flush=True)
-            start = time.perf_counter()
-            page.goto(f"{url}/{path}")
-            page.locator("h1").first.wait_for(timeout=600_000)
-            page.locator(f"{figure}, {progress}, h2, h3, [data-testid='stAlert']").first.wait_for(timeout=600_000)
-            feedback = time.perf_counter() - start
-            drawn = None
-            if path not in ("gallery", ""):
-                page.locator(figure).first.wait_for(timeout=600_000)
-                drawn = time.perf_counter() - start
-            page.wait_for_timeout(300)
-            page.locator("[data-testid='stStatusWidget']").wait_for(state="detached", timeout=600_000)
-            out[path or "start"] = {"first_feedback_s": feedback, "first_figure_s": drawn,
-                                    "final_s": time.perf_counter() - start,
-                                    "first_within_3s": (drawn if drawn is not None else feedback) <= 3.0}
+        for prompt in prompts:
+            query = urllib.parse.urlencode({"prompt": prompt})
+            for path in pages:
+                print(f"[bench] browser: /{path} ({prompt[:20]}...)", file=sys.stderr, flush=True)
+                start = time.perf_counter()
+                page.goto(f"{url}/{path}?{query}")
+                page.locator("h1").first.wait_for(timeout=600_000)
+                page.locator(f"{figure}, {progress}, h2, h3, [data-testid='stAlert']").first.wait_for(timeout=600_000)
+                feedback = time.perf_counter() - start
+                drawn = None
+                if path not in ("gallery", ""):
+                    page.locator(figure).first.wait_for(timeout=600_000)
+                    drawn = time.perf_counter() - start
+                page.wait_for_timeout(300)
+                page.locator("[data-testid='stStatusWidget']").wait_for(state="detached", timeout=600_000)
+                runs[path or "start"].append({"first_feedback_s": feedback, "first_figure_s": drawn,
+                                              "final_s": time.perf_counter() - start})
+        for name, measured in runs.items():
+            out[name] = {}
+            for key in ("first_feedback_s", "first_figure_s", "final_s"):
+                values = [m[key] for m in measured if m[key] is not None]
+                if values:
+                    out[name][key] = statistics.median(values)
+                    out[name][key.replace("_s", "_max_s")] = max(values)
+            first = out[name].get("first_figure_s", out[name]["first_feedback_s"])
+            out[name]["first_within_3s"] = first <= 3.0
         # as a user moves between pages: a click in the sidebar (no page reload, so no new
         # Plotly bundle), on another prompt so that nothing is cached
         page.goto(f"{url}/gallery?prompt=The+capital+of+Italy+is")
         page.locator("h1").first.wait_for(timeout=600_000)
         page.wait_for_timeout(1000)
+        fresh = ", ".join(f"[data-stale='false'] {kind}" for kind in figure.split(", "))  # not the last page's
         for path in ("heatmaps", "patching", "circuit", "paths", "units", "attention", "inspector"):
             link = page.locator(f"[data-testid='stSidebarNavLink'][href$='/{path}']").first
             start = time.perf_counter()
             link.click()
-            page.locator(figure).first.wait_for(timeout=120_000)
+            page.wait_for_url(f"**/{path}*", timeout=60_000)
+            page.locator(fresh).first.wait_for(timeout=120_000)
             out[path]["first_figure_via_sidebar_s"] = time.perf_counter() - start
             page.wait_for_timeout(300)
             page.locator("[data-testid='stStatusWidget']").wait_for(state="detached", timeout=600_000)
