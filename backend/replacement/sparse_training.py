@@ -167,6 +167,11 @@ class SparseTranscoders(nn.Module):
         return layers, [(w * y_scale).cpu().clone() for w in self.W_dec]
 
 
+def learning_rate(features: int) -> float:
+    """Adam's rate for every kind we fit: 2e-3 / sqrt(F / 2^14) (ten times sparsify's rule), at most 4e-3."""
+    return min(LEARNING_RATE / math.sqrt(features / 2 ** 14), MAX_LEARNING_RATE)
+
+
 def _row_norms(w: torch.Tensor) -> torch.Tensor:
     return w.flatten(1).norm(dim=1)
 
@@ -186,8 +191,7 @@ def train_sparse(x: np.ndarray, y: np.ndarray, spec: SparseSpec, cross_layer: bo
     variance = torch.from_numpy(np.array([np.asarray(y[i], dtype=np.float64).var(0).sum() / y_scale ** 2
                                           for i in range(n_layers)])).float().clamp_min(1e-12).to(device)
     model = SparseTranscoders(n_layers, d, spec, cross_layer, skip, y_mean, generator).to(device)
-    rate = min(LEARNING_RATE / math.sqrt(spec.features / 2 ** 14), MAX_LEARNING_RATE)
-    optimizer = torch.optim.Adam(model.parameters(), lr=rate)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate(spec.features))
     state = {"epoch": 0, "step": 0, "lambda": 0.0}
     if checkpoint is not None and checkpoint.exists():
         state = _restore(checkpoint, model, optimizer)
