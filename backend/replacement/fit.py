@@ -8,8 +8,9 @@
    TopK of the ReLU'd pre-activations, saved as ``activation: relu_topk``; its FVU loss;
    optional skip connection), by Adam at ten times sparsify's default rate (``learning_rate``:
    at sparsify's own 2e-4 / sqrt(F / 2^14), the few hundred steps that fit on 2 CPU cores left
-   layer 6 of SmolLM2 at held-out FVU 0.83; at ten times, 0.59), over ``epochs`` shuffled passes, b_dec starting at the mean output (sparsify starts at 0; with
-   few steps the mean matters). We run the loop here rather than sparsify's Trainer: the
+   layer 6 of SmolLM2 at held-out FVU 0.83; at ten times, 0.59), over ``epochs`` shuffled
+   passes, b_dec starting at the mean output (sparsify starts at 0; with few steps the mean
+   matters). We run the loop here rather than sparsify's Trainer: the
    Trainer drives the model itself through its own hooks and a Hugging Face dataset, while
    this reads the shared model through ours; the model, its initialization and loss are
    sparsify's. ReLU and JumpReLU sets, per-layer or cross-layer (``--kind clt``: every layer's
