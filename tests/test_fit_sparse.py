@@ -14,7 +14,7 @@ import torch
 from backend.errors import UserInputError
 from backend.graphs.features import feature_graph
 from backend.replacement.fit import FitSettings, fit_transcoders
-from backend.replacement.sparse_training import BANDWIDTH, heaviside, jump_relu
+from backend.replacement.sparse_training import BANDWIDTH, SparseSpec, SparseTranscoders, heaviside, jump_relu
 from backend.replacement.transcoders import load_transcoders
 from backend.runtime.prompts import document_start
 from backend.units.corpus import Corpus
@@ -51,6 +51,19 @@ def test_jumprelu_threshold_gradient_is_the_derivative_of_the_smoothed_step():
     out.backward(upstream)
     assert torch.allclose(threshold.grad, 0.01 * step_grad)
     assert torch.equal(pre.grad, (pre.detach() > 0.01).double())
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_features_start_at_the_target_l0_even_above_torch_quantiles_size_limit(activation):
+    """30 layers x 1024 tokens x 1024 features: 31M pre-activations (torch.quantile takes 16M)."""
+    model = SparseTranscoders(30, 16, SparseSpec(activation, 1024, 8, 1, 1024, 0), cross_layer=True, skip=False,
+                              y_mean=torch.zeros(30, 16), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(30, 1024, 16, generator=torch.Generator().manual_seed(1))
+    model.start_at_target_l0(x, 8)
+    with torch.no_grad():
+        pre = torch.einsum("lbd,lfd->lbf", x, model.W_enc) + model.b_enc[:, None]
+        on = pre > (model.log_threshold.exp()[:, None] if activation == "jumprelu" else 0)
+    assert abs(float(on.float().sum(-1).mean()) - 8) < 0.1  # k / F of the tokens per feature: L0 = k
 
 
 def fit(tmp_path, name: str, **settings):

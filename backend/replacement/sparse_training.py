@@ -148,7 +148,8 @@ class SparseTranscoders(nn.Module):
         """Each feature fires on about k/F of the tokens x [L, B, d] at the start: its
         threshold (JumpReLU) or minus its bias (ReLU) at that quantile of its pre-activation."""
         pre = torch.einsum("lbd,lfd->lbf", x, self.W_enc)
-        quantile = pre.quantile(1 - k / pre.shape[-1], dim=1)  # [L, F]
+        rank = min(pre.shape[1], max(1, round((1 - k / pre.shape[-1]) * pre.shape[1])))
+        quantile = pre.kthvalue(rank, dim=1).values  # [L, F] (torch.quantile refuses > 2^24 values)
         if self.activation == "jumprelu":
             self.log_threshold.copy_(quantile.clamp_min(INITIAL_THRESHOLD).log())
         else:
