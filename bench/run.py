@@ -703,7 +703,7 @@ def _fitting_kinds(handle, work: Path, layer: int, tokens: int) -> dict:
     import numpy as np
     import torch
 
-    from backend.replacement.fit import FitSettings, _spec, collect, held_out_quality, train_layer
+    from backend.replacement.fit import FitSettings, collect, held_out_quality, sparse_spec, train_layer
     from backend.replacement.sparse_training import train_sparse
     from backend.replacement.transcoders import TranscoderSet
     from backend.units.corpus import corpus_from
@@ -725,7 +725,7 @@ def _fitting_kinds(handle, work: Path, layer: int, tokens: int) -> dict:
     small = FitSettings(tokens=tokens, features=512, k=8, epochs=2, kind="clt", activation="jumprelu")
     for kind in ("clt", "plt"):  # the same width, target L0 and steps: cross-layer vs per-layer
         seconds, (layers, decoders) = timed(lambda: train_sparse(
-            xs[:, :held], ys[:, :held], _spec(small), cross_layer=kind == "clt", skip=False, device=handle.device,
+            xs[:, :held], ys[:, :held], sparse_spec(small), cross_layer=kind == "clt", skip=False, device=handle.device,
             report=lambda f, m: None))
         fvus, dead = held_out_quality(layers, decoders, small, xs[:, held:], ys[:, held:])
         out[f"{kind}_jumprelu_512_all_layers"] = {

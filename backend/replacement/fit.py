@@ -215,7 +215,7 @@ def train_layer(x: np.ndarray, y: np.ndarray, held_out_start: int, settings: Fit
     if settings.activation == "topk":
         layer = _train_topk(x[:held_out_start], y[:held_out_start], settings, device, report)
     else:
-        layers, decoders = train_sparse(x[None, :held_out_start], y[None, :held_out_start], _spec(settings),
+        layers, decoders = train_sparse(x[None, :held_out_start], y[None, :held_out_start], sparse_spec(settings),
                                         cross_layer=False, skip=settings.skip, device=device, report=report)
         layer = replace(layers[0], W_dec=decoders[0][:, 0])
     assert layer.W_dec is not None
@@ -224,7 +224,7 @@ def train_layer(x: np.ndarray, y: np.ndarray, held_out_start: int, settings: Fit
     return layer, fvus[0], dead[0]
 
 
-def _spec(settings: FitSettings) -> SparseSpec:
+def sparse_spec(settings: FitSettings) -> SparseSpec:
     return SparseSpec(settings.activation, settings.features, settings.k, settings.epochs, BATCH_TOKENS, settings.seed)
 
 
@@ -370,7 +370,7 @@ def _fit_cross_layer(handle: ModelHandle, out: Path, settings: FitSettings, xs: 
     def progress(fraction: float, message: str) -> None:
         report(0.3 + 0.7 * fraction, f"All {n_layers} layers (cross-layer): {message}")
 
-    layers, decoders = train_sparse(xs[:, :held_out_start], ys[:, :held_out_start], _spec(settings),
+    layers, decoders = train_sparse(xs[:, :held_out_start], ys[:, :held_out_start], sparse_spec(settings),
                                     cross_layer=True, skip=False, device=handle.device, report=progress,
                                     checkpoint=out / "work" / "clt_checkpoint.safetensors")
     save_cross_layer(out, layers, decoders)
