@@ -12,6 +12,57 @@ from .charts import clicked_customdata
 from .tokens import visible
 
 
+def plain_grid(
+    values,
+    columns: list[str],
+    rows: list[str],
+    *,
+    text: list[list[str]] | None = None,
+    title: str = "",
+    colorscale: str = "Viridis",
+    diverging: bool = False,
+    row_px: int = 24,
+    bound: float | None = None,
+) -> go.Figure:
+    """A rows x columns heatmap (row 0 at the bottom) with hover, without click targets: for
+    grids that are replaced moments later (a first look, a grid filling in), where the
+    browser's time is better spent elsewhere. ``bound`` fixes a diverging colour scale to
+    [-bound, bound] (shared between figures)."""
+    matrix = np.asarray(values, dtype=float)
+    n_rows, n_cols = matrix.shape
+    heat = {"z": matrix, "x": list(range(n_cols)), "y": list(range(n_rows)), "colorscale": colorscale,
+            "xgap": 1, "ygap": 1, "hovertext": _hover_text(matrix, columns, rows, text), "hoverinfo": "text"}
+    if diverging:
+        bound = bound or float(np.nanmax(np.abs(matrix))) or 1.0
+        heat.update(colorscale="RdBu", zmin=-bound, zmax=bound, zmid=0)
+    if text:
+        heat.update(text=[[visible(t)[:7] for t in row] for row in text], texttemplate="%{text}",
+                    textfont={"size": 9})
+    fig = go.Figure(go.Heatmap(**heat))
+    labels = [visible(c) for c in columns]
+    fig.update_layout(
+        title=title,
+        height=max(260, row_px * n_rows + 120),
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        dragmode="pan",
+        showlegend=False,
+        xaxis={"tickmode": "array", "tickvals": list(range(n_cols)), "ticktext": labels, "showgrid": False,
+               "zeroline": False},
+        yaxis={"tickmode": "array", "tickvals": list(range(n_rows)), "ticktext": rows, "showgrid": False,
+               "zeroline": False},
+        plot_bgcolor="white",
+    )
+    return fig
+
+
+def _hover_text(matrix: np.ndarray, columns: list[str], rows: list[str],
+                text: list[list[str]] | None) -> list[list[str]]:
+    labels = [visible(c) for c in columns]
+    return [[f"{rows[r]} · {labels[c]} (pos {c})<br>{matrix[r, c]:.4g}" + (f"<br>top: {visible(text[r][c])}"
+                                                                           if text else "")
+             for c in range(matrix.shape[1])] for r in range(matrix.shape[0])]
+
+
 def clickable_grid(
     values,
     columns: list[str],
@@ -25,26 +76,15 @@ def clickable_grid(
     row_px: int = 24,
     bound: float | None = None,
 ) -> go.Figure:
-    """A rows x columns heatmap (row 0 at the bottom) overlaid with one nearly transparent
-    square marker per cell, which is what a click selects (customdata = [row, column]).
-    ``bound`` fixes a diverging colour scale to [-bound, bound] (shared between figures)."""
-    matrix = np.asarray(values, dtype=float)
-    n_rows, n_cols = matrix.shape
+    """``plain_grid`` overlaid with one nearly transparent square marker per cell, which is
+    what a click selects (customdata = [row, column]); the hover moves to the markers."""
+    fig = plain_grid(values, columns, rows, text=text, title=title, colorscale=colorscale, diverging=diverging,
+                     row_px=row_px, bound=bound)
+    heat = fig.data[0]
+    hover = [cell for row in heat.hovertext for cell in row]
+    heat.update(hovertext=None, hoverinfo="skip")
+    n_rows, n_cols = np.asarray(heat.z).shape
     rr, cc = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
-    labels = [visible(c) for c in columns]
-    heat = {"z": matrix, "x": list(range(n_cols)), "y": list(range(n_rows)), "colorscale": colorscale,
-            "hoverinfo": "skip", "xgap": 1, "ygap": 1}
-    if diverging:
-        bound = bound or float(np.nanmax(np.abs(matrix))) or 1.0
-        heat.update(colorscale="RdBu", zmin=-bound, zmax=bound, zmid=0)
-    if text:
-        heat.update(text=[[visible(t)[:7] for t in row] for row in text], texttemplate="%{text}",
-                    textfont={"size": 9})
-    hover = [
-        f"{rows[r]} · {labels[c]} (pos {c})<br>{matrix[r, c]:.4g}" + (f"<br>top: {visible(text[r][c])}" if text else "")
-        for r, c in zip(rr.ravel(), cc.ravel())
-    ]
-    fig = go.Figure(go.Heatmap(**heat))
     fig.add_trace(
         go.Scatter(
             x=cc.ravel(), y=rr.ravel(), mode="markers",
@@ -56,19 +96,7 @@ def clickable_grid(
     if selected is not None:
         fig.add_shape(type="rect", x0=selected[1] - 0.5, x1=selected[1] + 0.5, y0=selected[0] - 0.5,
                       y1=selected[0] + 0.5, line={"color": "#ff0000", "width": 3})
-    fig.update_layout(
-        title=title,
-        height=max(260, row_px * n_rows + 120),
-        margin={"l": 10, "r": 10, "t": 40, "b": 10},
-        clickmode="event+select",
-        dragmode="pan",
-        showlegend=False,
-        xaxis={"tickmode": "array", "tickvals": list(range(n_cols)), "ticktext": labels, "showgrid": False,
-               "zeroline": False},
-        yaxis={"tickmode": "array", "tickvals": list(range(n_rows)), "ticktext": rows, "showgrid": False,
-               "zeroline": False},
-        plot_bgcolor="white",
-    )
+    fig.update_layout(clickmode="event+select")
     return fig
 
 

@@ -90,6 +90,21 @@ def test_heatmaps_page_drills_into_the_cell_in_the_url(app):
     assert any(b.label.startswith("head ") for b in app.button)
 
 
+def test_heatmaps_drill_downs_are_drawn_only_when_open_and_the_link_keeps_them(app):
+    """Closed sections draw nothing (the grid is then the page's only figure); ?attn=1 opens the
+    attention section with its two figures, and the URL keeps it open."""
+    app.switch_page("views/heatmaps.py")
+    app.query_params.update(prompt="The capital of France is")
+    app.run()
+    assert len(app.get("plotly_chart")) == 1 and "attn" not in app.query_params
+    linked = AppTest.from_file(APP, default_timeout=180)  # a collaborator opens a link with the section open
+    linked.switch_page("views/heatmaps.py")
+    linked.query_params.update(prompt="The capital of France is", attn="1")
+    linked.run()
+    assert not linked.exception
+    assert len(linked.get("plotly_chart")) == 3 and linked.query_params.get("attn") in ("1", ["1"])
+
+
 def test_heatmaps_page_refuses_a_comparison_of_other_length(app):
     app.switch_page("views/heatmaps.py")
     app.query_params.update(prompt="The capital of France is", compare="The capital of the United Kingdom is")

@@ -80,10 +80,20 @@ def test_clicking_a_heatmap_cell_shows_the_drill_down(app_url):
         expect(page.locator("h3").filter(has_text="position 5").first).to_be_visible()
         page.wait_for_function("() => window.location.search.includes('cell=')", timeout=30_000)
         wait_until_idle(page)
+        # the attention section is closed (drawn on demand); a head of the drill-down opens it there
+        expect(page.locator("[data-testid='stPlotlyChart']")).to_have_count(1)
+        page.get_by_role("button", name="head 2:").first.click()
+        page.get_by_text("Layer 29, head 2").wait_for(timeout=60_000)
+        page.wait_for_function("() => /attn=/.test(window.location.search)", timeout=30_000)
+        wait_until_idle(page)
         head_grid = page.locator("[data-testid='stPlotlyChart']").filter(has_text="head 5")
         head_grid.locator("path.point").nth(5 * 6 * 6).click(force=True)  # head-major: 6 x 6 cells per head
         page.wait_for_function("() => window.location.search.includes('head=5')", timeout=60_000)
-        expect(page.get_by_text("head 5").last).to_be_visible()
+        expect(page.get_by_text("Layer 29, head 5")).to_be_visible(timeout=60_000)
+        shared = page.url
+    with chromium_page(height=1100) as fresh:  # the link reopens the section with its head
+        fresh.goto(shared)
+        fresh.get_by_text("Layer 29, head 5").wait_for(timeout=180_000)
 
 
 def test_clicking_a_circuit_node_and_ablating_it(app_url):

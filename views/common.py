@@ -239,6 +239,23 @@ def write_url(key: str, value, render=str) -> None:
         del st.query_params[key]
 
 
+def drill_down(label: str, url_key: str):
+    """An expander whose content the page draws only while it is open (``.open``): secondary
+    figures then cost the browser nothing until asked for. Its open state is the URL setting
+    ``url_key`` ("1"), so a shared link reopens it; a page opens it by setting
+    ``st.session_state[open_key(url_key)] = True`` (in a callback)."""
+    state = open_key(url_key)
+    if state not in st.session_state:
+        st.session_state[state] = st.query_params.get(url_key) == "1"
+    expander = st.expander(label, key=state, on_change="rerun")
+    write_url(url_key, "1" if st.session_state[state] else "")
+    return expander
+
+
+def open_key(url_key: str) -> str:
+    return f"open_{url_key}"
+
+
 # ---------------------------------------------------------------- sharing, presenting, saving
 
 

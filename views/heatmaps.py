@@ -12,8 +12,10 @@ from components.heatmap import (
 )
 from views.common import (
     current,
+    drill_down,
     follow_click,
     in_range,
+    open_key,
     set_url_state,
     show_user_errors,
     url_state,
@@ -105,11 +107,13 @@ def lens_row(row_label: str) -> int:
 
 def open_neuron(layer: int, index: int) -> None:
     st.session_state.url_nl, st.session_state.url_ni = layer, index
+    st.session_state[open_key("unit")] = True  # the neuron section below opens on it
 
 
 def open_head(layer: int, index: int) -> None:
     set_url_state("hl", layer)
     set_url_state("head", index)
+    st.session_state[open_key("attn")] = True  # the attention section below opens on it
 
 
 if cell is None:
@@ -141,38 +145,45 @@ else:
                 cols[2].button(f"head {r['head']}: {r['effect']:+.3g}", key=f"h_{r['head']}",
                                on_click=open_head, args=(detail.layer, r["head"]))
 
-st.subheader("Attention")
-layer_choice = st.number_input("Layer", 0, n_layers - 1, value=head_layer, key="attention_layer")
-if layer_choice != head_layer:
-    set_url_state("hl", int(layer_choice))
-patterns = show_user_errors(attention_pattern, handle, selection.text, int(layer_choice))
-if patterns is not None:
-    small, large = st.columns([3, 2])
-    with small:
-        head_event = st.plotly_chart(head_multiples(patterns, grid.tokens, selected=head), key="head_grid",
-                                     on_select="rerun", selection_mode="points")
-        follow_click(selected_head(head_event), "head")
-    with large:
-        shown_head = min(head, len(patterns) - 1)
-        st.plotly_chart(
-            pattern_figure(patterns[shown_head], grid.tokens, f"Layer {int(layer_choice)}, head {shown_head}"),
-            key="head_large",
-        )
-        why_attend_link(handle, selection.text, int(layer_choice), shown_head)
-    intervene_panel(
-        handle,
-        selection.text,
-        selection.target or None,
-        [{"kind": "head", "layer": int(layer_choice), "index": shown_head, "positions": None}],
-        "head_intervene",
-    )
+# The attention and neuron sections are drill-downs, drawn only when open: their figures took
+# the browser ~2 s on 2 cores, and the grid waited for them.
+attention_section = drill_down("Attention patterns of one layer (click a head)", "attn")
+with attention_section:
+    if attention_section.open:
+        layer_choice = st.number_input("Layer", 0, n_layers - 1, value=head_layer, key="attention_layer")
+        if layer_choice != head_layer:
+            set_url_state("hl", int(layer_choice))
+        patterns = show_user_errors(attention_pattern, handle, selection.text, int(layer_choice))
+        if patterns is not None:
+            small, large = st.columns([3, 2])
+            with small:
+                head_event = st.plotly_chart(head_multiples(patterns, grid.tokens, selected=head), key="head_grid",
+                                             on_select="rerun", selection_mode="points")
+                follow_click(selected_head(head_event), "head")
+            with large:
+                shown_head = min(head, len(patterns) - 1)
+                st.plotly_chart(
+                    pattern_figure(patterns[shown_head], grid.tokens, f"Layer {int(layer_choice)}, head {shown_head}"),
+                    key="head_large",
+                )
+                why_attend_link(handle, selection.text, int(layer_choice), shown_head)
+            intervene_panel(
+                handle,
+                selection.text,
+                selection.target or None,
+                [{"kind": "head", "layer": int(layer_choice), "index": shown_head, "positions": None}],
+                "head_intervene",
+            )
 
-st.subheader(f"Neuron L{neuron[0]} N{neuron[1]}")
-unit_panel(handle, selection.text, neuron[0], neuron[1], "heatmap_unit")
-intervene_panel(
-    handle,
-    selection.text,
-    selection.target or None,
-    [{"kind": "neuron", "layer": neuron[0], "index": neuron[1], "positions": None}],
-    "heatmap_intervene",
-)
+unit_section = drill_down(f"Neuron L{neuron[0]} N{neuron[1]}: its activations, dashboard and interventions",
+                          "unit")
+with unit_section:
+    if unit_section.open:
+        unit_panel(handle, selection.text, neuron[0], neuron[1], "heatmap_unit")
+        intervene_panel(
+            handle,
+            selection.text,
+            selection.target or None,
+            [{"kind": "neuron", "layer": neuron[0], "index": neuron[1], "positions": None}],
+            "heatmap_intervene",
+        )

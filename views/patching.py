@@ -17,7 +17,7 @@ from backend.causal.patching import (
 )
 from backend.runtime.prompts import token_texts
 from backend.settings import PATCHING
-from components.heatmap import clickable_grid, selected_cell
+from components.heatmap import clickable_grid, plain_grid, selected_cell
 from views.common import (
     chart,
     current,
@@ -91,7 +91,7 @@ def early_results(prepared) -> bool:
         for site in SITES:
             bound = float(np.abs(found[0][site]).max()) or 1e-9  # its own scale until all are in
             placeholders[site, method].plotly_chart(
-                clickable_grid(found[0][site], columns_of(site, tokens), rows, title=f"{NAMES[method]}: "
+                plain_grid(found[0][site], columns_of(site, tokens), rows, title=f"{NAMES[method]}: "
                                f"{SITE_NAMES[site]}", diverging=True, bound=bound, row_px=10),
                 key=f"early_{site}_{method}")
     if "exact" not in methods:
@@ -100,7 +100,7 @@ def early_results(prepared) -> bool:
     def partial(site: str, grid: np.ndarray) -> None:
         done = np.isfinite(grid)
         bound = float(np.abs(grid[done]).max()) if done.any() else 1.0
-        figure = clickable_grid(np.where(done, grid, 0.0), columns_of(site, tokens), rows, diverging=True,
+        figure = plain_grid(np.where(done, grid, 0.0), columns_of(site, tokens), rows, diverging=True,
                                 bound=bound or 1.0, row_px=10,
                                 title=f"Exact: {SITE_NAMES[site]} ({int(done.sum())}/{grid.size})")
         placeholders[site].plotly_chart(figure, key=f"stream_{site}_{int(done.sum())}")
