@@ -96,8 +96,9 @@ def default_answer_wrong(handle: ModelHandle, clean: str, corrupt: str, answer: 
     when both runs predict the same token (e.g. " the"), the tokens whose probability the
     corruption lowers most (answer) and raises most (wrong). A given ``answer`` is kept."""
     clean_ids, corrupt_ids = check_pair(handle, clean, corrupt)
-    p_clean = handle.logits(handle.ids(clean_ids))[0, -1].float().softmax(-1)
-    p_corrupt = handle.logits(handle.ids(corrupt_ids))[0, -1].float().softmax(-1)
+    with torch.no_grad():  # both runs in one batch (equal lengths), read at the last position only
+        last = handle.final_residual(torch.tensor([clean_ids, corrupt_ids], device=handle.device))[:, -1]
+        p_clean, p_corrupt = handle.adapter.logits_from_residual_normed(last).float().softmax(-1)
 
     def text(token_id: int) -> str:
         return token_text(handle, token_id)
