@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
+from components.theme import install as install_figure_theme
 from views.common import presenting, share_box, sidebar, start_examples_once
 
 st.set_page_config(page_title="Circuitscope", layout="wide")
+install_figure_theme()
 
 PAGES = [
     st.Page("views/start.py", title="Start here", url_path="start", default=True),

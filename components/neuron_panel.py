@@ -14,7 +14,7 @@ def neuron_panel(tokens: list[str], activations, promotes: list[dict], suppresse
     if as_text:
         st.markdown(coloured_tokens_html(tokens, activations), unsafe_allow_html=True)
     else:
-        st.plotly_chart(activation_bars(tokens, activations, "Activation over the prompt"), key=key)
+        st.plotly_chart(activation_bars(tokens, activations, "Activation over the prompt"), key=key, theme=None)
     promote, suppress = st.columns(2)
     promote.markdown("**Promotes**")
     promote.dataframe(token_score_table(promotes), hide_index=True)

@@ -46,7 +46,7 @@ def unit_view(dashboard: dict, key: str, on_load: Callable[[str], None] | None =
         _bins(d["bin_examples"], corpus_max, f"{key}_bins", on_load)
     with tabs[2]:
         marks = {"corpus max": corpus_max, **({"this prompt": prompt["max"]} if prompt else {})}
-        st.plotly_chart(unit_histogram(d["histogram"], marks), key=f"{key}_hist")
+        st.plotly_chart(unit_histogram(d["histogram"], marks), key=f"{key}_hist", theme=None)
         hist = d["histogram"]
         st.caption(f"All {hist['total']:,} indexed tokens; {hist['about_zero']:,} about zero. {hist['scale']}.")
     with tabs[3]:

@@ -202,7 +202,8 @@ with right:
             pattern = show_user_errors(attention_pattern, handle, result.clean, node["layer"])
             if pattern is not None:
                 st.plotly_chart(pattern_figure(pattern[node["head"]], result.tokens,
-                                               f"{node['name']} attention on the clean prompt"), key="circuit_pattern")
+                                               f"{node['name']} attention on the clean prompt"), key="circuit_pattern",
+                                theme=None)
                 why_attend_link(handle, result.clean, node["layer"], node["head"])
             intervene_panel(handle, result.clean, result.answer, [{"kind": "head", "layer": node["layer"],
                                                                    "index": node["head"], "positions": None}],

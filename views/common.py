@@ -275,7 +275,7 @@ def chart(fig, key: str, where=None, export: str | None = None, **kwargs):
     if presenting():
         fig.update_layout(height=int((fig.layout.height or 450) * 1.5), font={"size": 16})
     config = {**PNG_CONFIG, "toImageButtonOptions": {**PNG_CONFIG["toImageButtonOptions"], "filename": key}}
-    event = (where or st).plotly_chart(fig, key=key, config=config, **kwargs)
+    event = (where or st).plotly_chart(fig, key=key, config=config, **kwargs, theme=None)
     if export and not presenting():
         settings = {k: st.query_params.get(k) for k in st.query_params}
         notes = st.session_state.get("save_notes", "")

@@ -257,7 +257,8 @@ def show_edge_heads(target_id: str, incoming: list[dict]) -> None:
         st.caption(
             f"edge {split.edge:+.4g} = heads {split.heads.sum():+.4g} + residual stream only {split.residual:+.4g}"
         )
-        st.plotly_chart(head_grid(split.heads, "Direct effect by last attention hop"), key="edge_heads_grid")
+        st.plotly_chart(head_grid(split.heads, "Direct effect by last attention hop"), key="edge_heads_grid",
+                        theme=None)
         source, target = full_view.node(source_id), full_view.node(target_id)
         if source is not None and target is not None and source.ctx_idx <= target.ctx_idx:
             layer, head = np.unravel_index(np.abs(split.heads).argmax(), split.heads.shape)

@@ -82,7 +82,7 @@ figure = clickable_grid(
     colorscale="Viridis_r" if quantity == "target_rank" else "Viridis",
     selected=cell,
 )
-event = st.plotly_chart(figure, key="heatmap_grid", on_select="rerun", selection_mode="points")
+event = st.plotly_chart(figure, key="heatmap_grid", on_select="rerun", selection_mode="points", theme=None)
 clicked = selected_cell(event)
 follow_click(clicked, "cell", clicked and f"{clicked[0]},{clicked[1]}")
 
@@ -95,9 +95,10 @@ if compare_prompt:
         left.plotly_chart(
             clickable_grid(other.values, other.tokens, other.rows, title=f"{LABELS[quantity]}: second prompt"),
             key="compare_grid",
+            theme=None,
         )
         right.plotly_chart(clickable_grid(difference.values, difference.tokens, difference.rows, diverging=True,
-                                          title="first − second"), key="difference_grid")
+                                          title="first − second"), key="difference_grid", theme=None)
 
 
 def lens_row(row_label: str) -> int:
@@ -158,13 +159,14 @@ with attention_section:
             small, large = st.columns([3, 2])
             with small:
                 head_event = st.plotly_chart(head_multiples(patterns, grid.tokens, selected=head), key="head_grid",
-                                             on_select="rerun", selection_mode="points")
+                                             on_select="rerun", selection_mode="points", theme=None)
                 follow_click(selected_head(head_event), "head")
             with large:
                 shown_head = min(head, len(patterns) - 1)
                 st.plotly_chart(
                     pattern_figure(patterns[shown_head], grid.tokens, f"Layer {int(layer_choice)}, head {shown_head}"),
                     key="head_large",
+                    theme=None,
                 )
                 why_attend_link(handle, selection.text, int(layer_choice), shown_head)
             intervene_panel(

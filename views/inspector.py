@@ -28,7 +28,7 @@ if result is not None:
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Next-token distribution (top 20)")
-        st.plotly_chart(top_tokens_bar(result.top_predictions, target["id"]), key="top_tokens")
+        st.plotly_chart(top_tokens_bar(result.top_predictions, target["id"]), key="top_tokens", theme=None)
     with right:
         st.subheader("Greedy continuation")
         st.caption(escape_markdown(selection.prompt) + " …")

@@ -29,7 +29,7 @@ def _side(where, side, title: str, key: str) -> None:
     cols[1].metric("z (two-sided)", f"{side.z_score:.2f}")
     cols[2].metric("p (two-sided)", f"{side.p_value:.3g}")
     where.plotly_chart(null_histogram(side.null, side.observed, f"{title}: random sets", "effect (logit spreads)"),
-                       key=f"{key}_null_{title[:4]}")
+                       key=f"{key}_null_{title[:4]}", theme=None)
     where.caption(f"Δ p(target) = {side.observed_prob:+.4g}; baseline target logit − mean = {side.baseline_logit:.3g}, "
                   f"logit spread {side.logit_spread:.3g}.")
 
@@ -78,8 +78,10 @@ def intervene_panel(handle: ModelHandle, prompt: str, target: str | None, items:
         st.metric(f"p({result.target['token']!r})", f"{result.after['target_prob']:.4f}",
                   f"{result.delta_target_prob:+.4f}")
         before, after = st.columns(2)
-        before.plotly_chart(top_tokens_bar(result.before["top"], result.target["id"], "Before"), key=f"{key}_before")
-        after.plotly_chart(top_tokens_bar(result.after["top"], result.target["id"], "After"), key=f"{key}_after")
+        before.plotly_chart(top_tokens_bar(result.before["top"], result.target["id"], "Before"), key=f"{key}_before",
+                            theme=None)
+        after.plotly_chart(top_tokens_bar(result.after["top"], result.target["id"], "After"), key=f"{key}_after",
+                           theme=None)
         before.markdown("**Continuation before**")
         before.code(result.before["continuation"], language=None, wrap_lines=True)
         after.markdown("**Continuation after**")

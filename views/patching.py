@@ -93,7 +93,7 @@ def early_results(prepared) -> bool:
             placeholders[site, method].plotly_chart(
                 plain_grid(found[0][site], columns_of(site, tokens), rows, title=f"{NAMES[method]}: "
                                f"{SITE_NAMES[site]}", diverging=True, bound=bound, row_px=10),
-                key=f"early_{site}_{method}")
+                key=f"early_{site}_{method}", theme=None)
     if "exact" not in methods:
         return True
 
@@ -103,7 +103,7 @@ def early_results(prepared) -> bool:
         figure = plain_grid(np.where(done, grid, 0.0), columns_of(site, tokens), rows, diverging=True,
                                 bound=bound or 1.0, row_px=10,
                                 title=f"Exact: {SITE_NAMES[site]} ({int(done.sum())}/{grid.size})")
-        placeholders[site].plotly_chart(figure, key=f"stream_{site}_{int(done.sum())}")
+        placeholders[site].plotly_chart(figure, key=f"stream_{site}_{int(done.sum())}", theme=None)
 
     def stream(progress) -> bool:
         for k, site in enumerate(SITES):

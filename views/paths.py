@@ -50,7 +50,7 @@ else:
 
     def draw_partial(path, scores) -> None:
         rows = [{"layer": l, "neuron": n, "activation": 0.0, "score": s} for (l, n), s in zip(path, scores)]
-        growing.plotly_chart(path_figure(rows, {}, n_layers), key=f"growing_{len(rows)}")
+        growing.plotly_chart(path_figure(rows, {}, n_layers), key=f"growing_{len(rows)}", theme=None)
 
     result = run_with_progress(neuron_path, handle, selection.text, selection.target or None,
                                steps=int(st.session_state.url_steps), top_k=int(st.session_state.url_topk),
