@@ -111,8 +111,9 @@ def test_circuit_figure_nodes_are_clickable_and_edges_coloured():
 
 
 def test_every_figure_is_shown_without_streamlits_theme():
-    """Streamlit's theme is applied in the browser (~0.5 s per heatmap on 2 cores); figures get
-    the app's look from components.theme instead. Catches a plotly_chart call that forgets it."""
+    """Streamlit's theme is applied in the browser (0.2 s of Plotly's code per heatmap on 2
+    cores); figures get the app's look from components.theme instead. Catches a plotly_chart
+    call that forgets it."""
     import ast
     from pathlib import Path
 
