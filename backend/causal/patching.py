@@ -136,6 +136,12 @@ def _patch_hooks(handle: ModelHandle, site: str, jobs: list[tuple[int, int]], cl
     return hooks
 
 
+# Patched runs per forward. 16 is as fast in total as 64 (SmolLM2, resid_pre, 2 cores: 23.1 s
+# against 22.7 s) and bounds what one batch holds the model after a page is left or cancelled
+# (the run stops at its next progress report): 0.95 s against 3.4 s.
+EXACT_BATCH = 16
+
+
 @torch.no_grad()
 def _exact_raw(handle: ModelHandle, pair: PatchPair, site: str, batch_size: int, progress: Progress,
                on_partial: PartialGrid | None) -> np.ndarray:
@@ -154,7 +160,7 @@ def _exact_raw(handle: ModelHandle, pair: PatchPair, site: str, batch_size: int,
 
 
 def exact_grid(handle: ModelHandle, clean: str, corrupt: str, answer: str, wrong: str | None, site: str, *,
-               metric: str = "logit_diff", batch_size: int = 64, progress: Progress | None = None,
+               metric: str = "logit_diff", batch_size: int = EXACT_BATCH, progress: Progress | None = None,
                on_partial: PartialGrid | None = None) -> np.ndarray:
     """Exact patching of every ``site`` cell, in the pair's scale (cached). ``on_partial``
     receives the grid after each batch (NaN where not computed yet)."""
@@ -254,7 +260,7 @@ def patching(
     sites: tuple[str, ...] = SITES,
     metric: str = "logit_diff",
     freeze_attention: bool = False,
-    batch_size: int = 64,
+    batch_size: int = EXACT_BATCH,
     progress: Progress | None = None,
     on_partial: PartialGrid | None = None,
 ) -> PatchResult:
