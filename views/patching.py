@@ -92,7 +92,7 @@ def early_results(prepared) -> bool:
             bound = float(np.abs(found[0][site]).max()) or 1e-9  # its own scale until all are in
             placeholders[site, method].plotly_chart(
                 plain_grid(found[0][site], columns_of(site, tokens), rows, title=f"{NAMES[method]}: "
-                               f"{SITE_NAMES[site]}", diverging=True, bound=bound, row_px=10),
+                           f"{SITE_NAMES[site]}", diverging=True, bound=bound, row_px=10),
                 key=f"early_{site}_{method}", theme=None)
     if "exact" not in methods:
         return True
@@ -101,8 +101,8 @@ def early_results(prepared) -> bool:
         done = np.isfinite(grid)
         bound = float(np.abs(grid[done]).max()) if done.any() else 1.0
         figure = plain_grid(np.where(done, grid, 0.0), columns_of(site, tokens), rows, diverging=True,
-                                bound=bound or 1.0, row_px=10,
-                                title=f"Exact: {SITE_NAMES[site]} ({int(done.sum())}/{grid.size})")
+                            bound=bound or 1.0, row_px=10,
+                            title=f"Exact: {SITE_NAMES[site]} ({int(done.sum())}/{grid.size})")
         placeholders[site].plotly_chart(figure, key=f"stream_{site}_{int(done.sum())}", theme=None)
 
     def stream(progress) -> bool:
