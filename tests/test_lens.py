@@ -29,6 +29,17 @@ def test_ranks_agree_with_probabilities(tiny_llama):
     assert all(row[0] == cell for rows, tops in zip(lens.top10_tokens, lens.top_token) for row, cell in zip(rows, tops))
 
 
+def test_last_row_ranks_count_the_model_s_better_tokens(tiny_llama):
+    """The rank is 1 + the number of tokens the model's own output prefers (catches an
+    off-by-one, a count in the wrong direction, or ranks read from the wrong row)."""
+    lens = logit_lens(tiny_llama, PROMPT, target=" Mary")
+    probs = torch.as_tensor(run_trace(tiny_llama, PROMPT).logits).double().softmax(-1).numpy()
+    target = lens.target["id"]
+    expected = [1 + sum(p > row[target] for p in row) for row in probs]
+    assert lens.target_rank[-1].tolist() == expected
+    assert lens.target_rank.min() >= 1 and lens.target_rank.max() <= probs.shape[-1]
+
+
 def test_json_round_trip(tiny_llama):
     lens = logit_lens(tiny_llama, PROMPT)
     again = LensResult.from_json(lens.to_json())

@@ -67,14 +67,14 @@ def heatmap(
     """One layer x position grid of ``quantity`` for ``prompt`` (cached trace and lens)."""
     if quantity not in QUANTITIES:
         raise UserInputError(f"Unknown quantity '{quantity}'; choose one of {', '.join(QUANTITIES)}.")
-    trace = cached_trace(handle, prompt)
-    n_layers = handle.adapter.n_layers
-    if quantity in ("target_prob", "target_rank", "second_prob"):
+    if quantity in ("target_prob", "target_rank", "second_prob"):  # the lens's own forward: no full trace
         if quantity == "second_prob" and not second:
             raise UserInputError("The second token's probability needs a second token.")
         lens = logit_lens(handle, prompt, target, second)
         values = {"target_prob": lens.target_prob, "target_rank": lens.target_rank, "second_prob": lens.second_prob}
-        return Grid(quantity, lens.layers, trace.tokens, np.asarray(values[quantity], dtype=np.float32), lens.top_token)
+        return Grid(quantity, lens.layers, lens.tokens, np.asarray(values[quantity], dtype=np.float32), lens.top_token)
+    trace = cached_trace(handle, prompt)
+    n_layers = handle.adapter.n_layers
     if quantity == "resid_norm":
         return Grid(quantity, _row_names(n_layers, True), trace.tokens, np.linalg.norm(trace.resid, axis=-1))
     if quantity in ("attn_norm", "mlp_norm"):

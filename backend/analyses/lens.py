@@ -46,21 +46,28 @@ def row_labels(n_layers: int) -> list[str]:
 
 
 @torch.no_grad()
-def lens_probs(handle: ModelHandle, resid: np.ndarray) -> torch.Tensor:
-    """Softmax of the model's readout applied to residual vectors [..., d] -> [..., vocab]."""
+def lens_logits(handle: ModelHandle, resid: np.ndarray) -> torch.Tensor:
+    """The model's readout (final norm, unembedding) applied to residual vectors [..., d] -> [..., vocab]."""
     weight = handle.adapter.unembed_weight()
     resid_t = torch.as_tensor(resid, device=weight.device, dtype=weight.dtype)
-    return handle.adapter.logits_from_residual(resid_t).float().softmax(-1)
+    return handle.adapter.logits_from_residual(resid_t).float()
+
+
+def ranks(logits: torch.Tensor, token_id: int) -> np.ndarray:
+    """1 + the number of tokens with a larger logit than ``token_id``, per row of [..., vocab]
+    (the same order as the probabilities, without softmax's rounding ties). Counted in numpy:
+    torch's compare-and-sum took 200 ms for 31 x 14 x 49,152 logits on one thread, numpy 20 ms."""
+    values = logits.cpu().numpy()
+    return np.count_nonzero(values > values[..., token_id, None], axis=-1) + 1
 
 
 def lens_from_trace(
     handle: ModelHandle, trace: Trace, prompt: str, target: str | None, second: str | None = None
 ) -> LensResult:
-    probs = lens_probs(handle, trace.resid)  # [rows, P, vocab]
+    logits = lens_logits(handle, trace.resid)  # [rows, P, vocab]
+    probs = logits.softmax(-1)
     final_probs = torch.as_tensor(trace.logits[-1]).softmax(-1)
     target_id = choose_target(handle, final_probs, target)
-    target_p = probs[..., target_id]
-    target_rank = (probs > target_p[..., None]).sum(-1) + 1
     top_p, top_ids = probs.topk(LENS_TOP, dim=-1)
     names = _token_names(handle, top_ids)
     result = LensResult(
@@ -73,8 +80,8 @@ def lens_from_trace(
         target={"token": token_text(handle, target_id), "id": target_id},
         top_token=[[cell[0] for cell in row] for row in names],
         top_prob=top_p[..., 0].cpu().numpy(),
-        target_prob=target_p.cpu().numpy(),
-        target_rank=target_rank.cpu().numpy(),
+        target_prob=probs[..., target_id].cpu().numpy(),
+        target_rank=ranks(logits, target_id),
         top10_tokens=names,
         top10_probs=top_p.cpu().numpy(),
     )
