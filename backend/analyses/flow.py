@@ -25,9 +25,7 @@ import torch
 
 from backend.errors import UserInputError
 from backend.runtime.arch import parameter
-from backend.runtime.attention import AttentionMaps
-from backend.runtime.cache import cached
-from backend.runtime.hooks import hooked, read_site
+from backend.runtime.attention import AttentionMaps, attention_maps
 from backend.runtime.models import ModelHandle
 from backend.runtime.norms import apply_frozen, norm_scale
 from backend.runtime.prompts import encode_prompt, token_texts
@@ -53,24 +51,6 @@ def proportions(parts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     norm = total.abs().sum(-1, keepdim=True)
     prox = (norm - (total.unsqueeze(-2) - parts).abs().sum(-1)).clamp(min=0)
     return prox / prox.sum(-1, keepdim=True).clamp(min=1e-30)
-
-
-class _Recorded:
-    """One forward with the attention maps frozen, plus each block's attention and MLP outputs."""
-
-    def __init__(self, handle: ModelHandle, ids: list[int]) -> None:
-        adapter = handle.adapter
-        self.maps = AttentionMaps(handle, ids)
-        self.attn_out: dict[int, torch.Tensor] = {}
-        self.mlp_out: dict[int, torch.Tensor] = {}
-        hooks = []
-        for layer in range(adapter.n_layers):
-            hooks.append(read_site(adapter.site("attn_out", layer),
-                                   lambda t, layer=layer: self.attn_out.__setitem__(layer, t[0].detach())))
-            hooks.append(read_site(adapter.site("mlp_out", layer),
-                                   lambda t, layer=layer: self.mlp_out.__setitem__(layer, t[0].detach())))
-        with torch.no_grad(), hooked(handle, hooks):
-            handle.logits(handle.ids(ids))
 
 
 def source_parts(handle: ModelHandle, maps: AttentionMaps, layer: int, queries: slice,
@@ -108,21 +88,20 @@ def information_flow(handle: ModelHandle, prompt: str) -> Flow:
     started = time.perf_counter()
     ids = encode_prompt(handle, prompt)
     adapter = handle.adapter
-    recorded = cached(handle, "flow_record", (tuple(ids),), lambda: _Recorded(handle, ids))
-    maps = recorded.maps
+    maps = attention_maps(handle, ids)
     L, P = adapter.n_layers, len(ids)
     attention = np.zeros((L, P, P), dtype=np.float32)
     attention_residual, mlp, mlp_residual = (np.zeros((L, P), dtype=np.float32) for _ in range(3))
     worst = 0.0
     for layer in range(L):
         resid = maps.frozen[layer].resid  # [P, d]
-        mlp_out = recorded.mlp_out[layer]
+        mlp_out = maps.mlp_out[layer]
         for start in range(0, P, CHUNK):
             rows = slice(start, min(start + CHUNK, P))
             parts, bias = source_parts(handle, maps, layer, rows)  # [Q, P, d], [Q, d]
             residual = resid[rows]
             after_attention = residual + parts.sum(1) + bias
-            worst = max(worst, _relative_error(residual + recorded.attn_out[layer][rows], after_attention))
+            worst = max(worst, _relative_error(residual + maps.attn_out[layer][rows], after_attention))
             extra = [mlp_out[rows]] if adapter.parallel else []
             total = after_attention + (mlp_out[rows] if adapter.parallel else 0)
             share = proportions(torch.cat([parts, torch.stack([residual, bias, *extra], 1)], 1), total)
@@ -154,14 +133,13 @@ def head_shares(handle: ModelHandle, prompt: str, layer: int, position: int) -> 
     if not 0 <= layer < handle.adapter.n_layers or not -len(ids) <= position < len(ids):
         raise UserInputError(f"No state at layer {layer}, position {position}.")
     position %= len(ids)
-    recorded = cached(handle, "flow_record", (tuple(ids),), lambda: _Recorded(handle, ids))
-    maps = recorded.maps
+    maps = attention_maps(handle, ids)
     parts, bias = source_parts(handle, maps, layer, slice(position, position + 1), by_head=True)  # [1, H, P, d]
     parts, bias = parts[0], bias[0]
     residual = maps.frozen[layer].resid[position]
     total = residual + parts.sum((0, 1)) + bias
     if handle.adapter.parallel:
-        total = total + recorded.mlp_out[layer][position]
+        total = total + maps.mlp_out[layer][position]
     H, P = parts.shape[:2]
     share = proportions(torch.cat([parts.reshape(H * P, -1), torch.stack([residual, bias])]), total)
     return share[:H * P].reshape(H, P).numpy()

@@ -25,7 +25,7 @@ import torch
 
 from backend.causal.components import ComponentReplay, layout
 from backend.errors import UserInputError
-from backend.runtime.attention import AttentionMaps
+from backend.runtime.attention import AttentionMaps, attention_maps
 from backend.runtime.cache import cached
 from backend.runtime.models import ModelHandle
 from backend.runtime.prompts import encode_prompt, token_texts
@@ -119,7 +119,7 @@ def qk_attribution(handle: ModelHandle, prompt: str, layer: int, head: int, quer
     if compare_key is not None:
         compare_key = compare_key % n if compare_key < 0 else compare_key
         _check(handle, n, layer, head, query, compare_key)
-    maps = cached(handle, "attention_maps", (tuple(ids),), lambda: AttentionMaps(handle, ids))
+    maps = attention_maps(handle, ids)
     senders, outputs = component_outputs(handle, ids)
     upstream = layout(handle).upstream[layout(handle).head_receivers(layer)]
     names = senders[:upstream] + [BIAS]
@@ -173,5 +173,5 @@ def strongest_key(handle: ModelHandle, prompt: str, layer: int, head: int, query
     """The key position ``head`` attends to most from ``query`` (the model's own weights)."""
     ids = encode_prompt(handle, prompt)
     _check(handle, len(ids), layer, head, query, 0)
-    maps = cached(handle, "attention_maps", (tuple(ids),), lambda: AttentionMaps(handle, ids))
+    maps = attention_maps(handle, ids)
     return int(maps.frozen[layer].pattern[head, query].argmax())

@@ -4,7 +4,8 @@ With the norm scales frozen at a run's values, a head's query at position p is a
 function of the residual stream there: q = RoPE_p(qknorm(W_q · norm(x) + b_q)), and the same
 holds for keys and values. ``AttentionMaps`` captures, in one forward, what is frozen (the
 norm inputs and the rotary cos/sin each attention module received) and applies those maps
-to any vectors written into the residual stream, e.g. one upstream component's output. The
+to any vectors written into the residual stream, e.g. one upstream component's output; the
+same forward keeps each block's attention and MLP outputs (information flow splits them). The
 model's own ``apply_rotary_pos_emb`` is used, so partial rotary (GPT-NeoX) and per-layer
 rotary bases (Gemma 3's local layers) are exactly the model's.
 """
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from backend.errors import UserInputError
 from backend.runtime.arch import ArchAdapter, parameter
-from backend.runtime.hooks import Hook, hooked
+from backend.runtime.cache import cached
+from backend.runtime.hooks import Hook, hooked, read_site
 from backend.runtime.models import ModelHandle
 from backend.runtime.norms import apply_frozen, norm_scale
 
@@ -74,11 +77,16 @@ class AttentionMaps:
 
     def __init__(self, handle: ModelHandle, ids: list[int]) -> None:
         self.handle, self.adapter = handle, handle.adapter
+        self.attn_out: list[torch.Tensor] = [torch.empty(0)] * self.adapter.n_layers  # [P, d] per block
+        self.mlp_out: list[torch.Tensor] = [torch.empty(0)] * self.adapter.n_layers
         self.frozen = self._record(ids)
 
     def _record(self, ids: list[int]) -> list[Frozen]:
         adapter = self.adapter
         seen: dict[int, dict] = {layer: {} for layer in range(adapter.n_layers)}
+
+        def keep_output(store: list[torch.Tensor], layer: int, tensor: torch.Tensor) -> None:
+            store[layer] = tensor[0].detach()
 
         def keep_input(layer: int, module, args) -> None:
             seen[layer]["resid"] = args[0][0].detach()
@@ -94,9 +102,11 @@ class AttentionMaps:
         for layer, parts in enumerate(adapter.layers):
             hooks += [Hook(parts.attn_norm, "pre", lambda m, a, layer=layer: keep_input(layer, m, a)),
                       Hook(parts.attn, "pre_kwargs", lambda m, a, k, layer=layer: keep_kwargs(layer, m, a, k)),
-                      Hook(parts.attn, "forward", lambda m, a, o, layer=layer: keep_pattern(layer, m, a, o))]
+                      Hook(parts.attn, "forward", lambda m, a, o, layer=layer: keep_pattern(layer, m, a, o)),
+                      read_site(adapter.site("attn_out", layer), partial(keep_output, self.attn_out, layer)),
+                      read_site(adapter.site("mlp_out", layer), partial(keep_output, self.mlp_out, layer))]
         with torch.no_grad(), hooked(self.handle, hooks):
-            self.handle.logits(self.handle.ids(ids))
+            self.handle.final_residual(self.handle.ids(ids))
         return [Frozen(seen[layer]["resid"], seen[layer].get("rope"), seen[layer].get("pattern"))
                 for layer in range(adapter.n_layers)]
 
@@ -161,3 +171,6 @@ class AttentionMaps:
         return rotated.transpose(1, 2).reshape(shape)
 
 
+def attention_maps(handle: ModelHandle, ids: list[int]) -> AttentionMaps:
+    """The recorded maps of ``ids`` (cached: QK attribution and information flow share one forward)."""
+    return cached(handle, "attention_maps", (tuple(ids),), lambda: AttentionMaps(handle, ids))
