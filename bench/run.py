@@ -448,9 +448,9 @@ def section_browser() -> dict:
     share the 2 cores here."""
     import statistics
 
-    from tests.browser import chromium_page, served_app
+    from tests.browser import RESULT, chromium_page, served_app
 
-    figure = "[data-testid='stPlotlyChart']:visible, [data-testid='stDataFrame']:visible"  # a drawn result
+    figure = RESULT  # a drawn figure or table, not the frame of one still being computed
     progress = "[data-testid='stProgress']"
     pages = ["inspector", "heatmaps", "graph", "patching", "circuit", "paths", "units", "attention", "gallery", ""]
     prompts = ["When Mary and John went to the store, John gave a drink to",

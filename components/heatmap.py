@@ -55,6 +55,14 @@ def plain_grid(
     return fig
 
 
+def grid_frame(columns: list[str], rows: list[str], *, title: str = "", row_px: int = 24) -> go.Figure:
+    """The frame of a grid still being computed: its axes, labels and size, no values (see
+    views.common.figure_frame)."""
+    fig = plain_grid(np.full((len(rows), len(columns)), np.nan), columns, rows, title=title, row_px=row_px)
+    fig.update_traces(hoverinfo="skip", hovertext=None, showscale=False)
+    return fig
+
+
 def _hover_text(matrix: np.ndarray, columns: list[str], rows: list[str],
                 text: list[list[str]] | None) -> list[list[str]]:
     labels = [visible(c) for c in columns]

@@ -25,6 +25,11 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
+# A drawn result: a Plotly figure's SVG outside a figure frame (views.common.figure_frame:
+# the axes of a figure still being computed), or a table.
+RESULT = ("[data-testid='stPlotlyChart']:not([class*='st-key-frame_'] *) .main-svg:visible, "
+          "[data-testid='stDataFrame']:visible")
+
 
 def require_chromium() -> None:
     """Skip without Chromium, except where CI demands browser tests (CIRCUITSCOPE_REQUIRE_BROWSER=1)."""

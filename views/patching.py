@@ -5,11 +5,13 @@ or a rerun redraws without recomputing."""
 import numpy as np
 import streamlit as st
 
+from backend.causal.pairs import check_pair
 from backend.causal.patching import (
     METHODS,
     SITES,
     PatchResult,
     approximate,
+    approximation_ready,
     exact_grid,
     patch_one,
     patching,
@@ -17,10 +19,11 @@ from backend.causal.patching import (
 )
 from backend.runtime.prompts import token_texts
 from backend.settings import PATCHING
-from components.heatmap import clickable_grid, plain_grid, selected_cell
+from components.heatmap import clickable_grid, grid_frame, plain_grid, selected_cell
 from views.common import (
     chart,
     current,
+    figure_frame,
     follow_click,
     opened,
     run_with_progress,
@@ -71,11 +74,15 @@ def draw(grid, site: str, method: str, tokens: list[str], where, bound: float, k
                  on_select="rerun", selection_mode="points")
 
 
-def early_results(prepared) -> bool:
+def early_results() -> bool:
     """AtP and RelP at once, then the exact grids filling in batch by batch (cached pieces
-    return at once). False when cancelled or refused."""
-    tokens = token_texts(handle, prepared.clean_ids)
-    show_scale({"kind": pair.metric, **prepared.scale.to_dict()})
+    return at once). The first approximation's grids are framed while the pair runs. False
+    when cancelled or refused."""
+    ids = show_user_errors(check_pair, handle, pair.clean, pair.corrupt)  # the tokenizer only
+    if ids is None:
+        return False
+    tokens = token_texts(handle, ids[0])
+    scale = st.empty()
     shown = [m for m in ("atp", "relp") if m in methods]
     placeholders = {}
     for site in SITES:
@@ -83,6 +90,18 @@ def early_results(prepared) -> bool:
         placeholders[site] = cols[0].empty()
         for column, method in zip(cols[1:], shown):
             placeholders[site, method] = column.empty()
+    if shown and not approximation_ready(handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, shown[0],
+                                         metric=pair.metric, freeze_attention=frozen):
+        first = shown[0]
+        for site in SITES:
+            frame = grid_frame(columns_of(site, tokens), rows, title=f"{NAMES[first]}: {SITE_NAMES[site]} (computing…)",
+                               row_px=10)
+            figure_frame(frame, f"{site}_{first}", where=placeholders[site, first])
+    prepared = show_user_errors(prepare_pair, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, pair.metric)
+    if prepared is None:
+        return False
+    with scale.container():
+        show_scale({"kind": pair.metric, **prepared.scale.to_dict()})
     for method in shown:  # each drawn as soon as it is computed (AtP first: the fastest answer)
         found = show_user_errors(approximate, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, method,
                                  metric=pair.metric, freeze_attention=frozen)
@@ -118,12 +137,9 @@ saved = opened("patching")
 if saved is not None:
     result = PatchResult.from_json(saved.result)
 else:
-    prepared = show_user_errors(prepare_pair, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, pair.metric)
-    if prepared is None:
-        st.stop()
     early = st.empty()
     with early.container():
-        complete = early_results(prepared)
+        complete = early_results()
     if not complete:
         st.stop()
     early.empty()

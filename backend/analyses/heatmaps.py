@@ -24,13 +24,14 @@ import torch
 from backend.analyses.lens import LensResult, logit_lens, row_labels
 from backend.analyses.neurons import cached_trace
 from backend.errors import UserInputError
-from backend.runtime.cache import cached
+from backend.runtime.cache import cached, is_cached
 from backend.runtime.models import ModelHandle
 from backend.runtime.norms import norm_scale, read_direction
-from backend.runtime.prompts import encode_prompt
+from backend.runtime.prompts import encode_prompt, token_texts
 from backend.runtime.results import JsonResult
 
 QUANTITIES = ("target_prob", "target_rank", "second_prob", "resid_norm", "attn_norm", "mlp_norm", "neuron")
+LENS_QUANTITIES = ("target_prob", "target_rank", "second_prob")
 
 
 @dataclass
@@ -56,6 +57,24 @@ def _row_names(n_layers: int, with_embeddings: bool) -> list[str]:
     return row_labels(n_layers) if with_embeddings else [f"L{i}" for i in range(n_layers)]
 
 
+def grid_labels(handle: ModelHandle, prompt: str, quantity: str,
+                neuron: tuple[int, int] | None = None) -> tuple[list[str], list[str]]:
+    """(row labels, tokens) of ``heatmap``'s grid, from the tokenizer alone (no forward)."""
+    tokens = token_texts(handle, encode_prompt(handle, prompt))
+    n_layers = handle.adapter.n_layers
+    if quantity == "neuron":
+        return [f"L{neuron[0]} N{neuron[1]}" if neuron else "neuron"], tokens
+    return _row_names(n_layers, quantity not in ("attn_norm", "mlp_norm")), tokens
+
+
+def heatmap_ready(handle: ModelHandle, prompt: str, quantity: str, target: str | None = None,
+                  second: str | None = None) -> bool:
+    """Whether ``heatmap`` would return at once (its forward pass is cached)."""
+    if quantity in LENS_QUANTITIES:
+        return is_cached(handle, "lens", (prompt, target, second))
+    return is_cached(handle, "trace", (prompt,))
+
+
 def heatmap(
     handle: ModelHandle,
     prompt: str,
@@ -67,7 +86,7 @@ def heatmap(
     """One layer x position grid of ``quantity`` for ``prompt`` (cached trace and lens)."""
     if quantity not in QUANTITIES:
         raise UserInputError(f"Unknown quantity '{quantity}'; choose one of {', '.join(QUANTITIES)}.")
-    if quantity in ("target_prob", "target_rank", "second_prob"):  # the lens's own forward: no full trace
+    if quantity in LENS_QUANTITIES:  # the lens's own forward: no full trace
         if quantity == "second_prob" and not second:
             raise UserInputError("The second token's probability needs a second token.")
         lens = logit_lens(handle, prompt, target, second)

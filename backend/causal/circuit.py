@@ -237,6 +237,11 @@ def edge_dicts(scored: ScoredPair, names: Layout, rows: np.ndarray, per_position
     return edges
 
 
+def component_nodes(handle: ModelHandle) -> list[dict]:
+    """Every node of the model's component graph (input, heads, MLPs, logits), no forward."""
+    return node_dicts(layout(handle))
+
+
 def node_dicts(names: Layout) -> list[dict]:
     nodes = [{"name": "input", "kind": "input", "layer": -1, "head": None}]
     for name in names.senders[1:]:

@@ -102,3 +102,8 @@ def cached(handle: ModelHandle, analysis: str, parts: tuple, compute: Callable[[
            cache: BoundedCache = results_cache) -> V:
     """``compute()`` for (analysis, model, parts), from ``cache`` when already computed."""
     return cache.get_or_compute((analysis, handle.cache_key, *parts), compute)
+
+
+def is_cached(handle: ModelHandle, analysis: str, parts: tuple, cache: BoundedCache = results_cache) -> bool:
+    """Whether ``cached`` with these arguments would return at once (nothing to compute)."""
+    return cache.peek((analysis, handle.cache_key, *parts)) is not None
