@@ -388,6 +388,7 @@ def test_suggest_tokens_reads_the_corrupted_prompt_just_typed(app, smollm2):
     ("heatmaps", {}, ["heatmap"]),
     ("patching", {"methods": "atp,relp"}, ["resid_pre_atp", "attn_out_atp", "mlp_out_atp", "heads_atp"]),
     ("circuit", {"cmethod": "eap", "cn": "100"}, ["circuit"]),
+    ("paths", {"steps": "2"}, ["paths"]),
 ])
 def test_a_figure_frame_is_drawn_while_a_new_prompt_computes_and_replaced(app, monkeypatch, page, params, frames):
     """A new prompt: the page frames its first figure while computing, and the result

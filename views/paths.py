@@ -4,13 +4,14 @@ found), the baselines and the paper's evaluation, with the best path named hones
 import streamlit as st
 
 from backend.causal.interventions import neuron_items
-from backend.causal.paths import NAMED, PathResult, neuron_path, recurring_neurons
+from backend.causal.paths import NAMED, PathResult, neuron_path, path_ready, recurring_neurons
 from backend.settings import PATHS
 from components.heatmap import selected_cell
 from components.paths_view import ROWS, evaluation_figure, path_figure
 from views.common import (
     chart,
     current,
+    figure_frame,
     follow_click,
     opened,
     run_with_progress,
@@ -47,14 +48,17 @@ if saved is not None:
     result = PathResult.from_json(saved.result)
 else:
     growing = st.empty()
+    steps, top_k = int(st.session_state.url_steps), int(st.session_state.url_topk)
+    if not path_ready(handle, selection.text, selection.target or None, steps=steps, top_k=top_k):
+        frame = path_figure([], {}, n_layers).update_layout(title="Searching the path, layer by layer…")
+        figure_frame(frame, "paths", where=growing)
 
     def draw_partial(path, scores) -> None:
         rows = [{"layer": l, "neuron": n, "activation": 0.0, "score": s} for (l, n), s in zip(path, scores)]
         growing.plotly_chart(path_figure(rows, {}, n_layers), key=f"growing_{len(rows)}", theme=None)
 
     result = run_with_progress(neuron_path, handle, selection.text, selection.target or None,
-                               steps=int(st.session_state.url_steps), top_k=int(st.session_state.url_topk),
-                               on_layer=draw_partial, label="Searching the path", key="paths")
+                               steps=steps, top_k=top_k, on_layer=draw_partial, label="Searching the path", key="paths")
     growing.empty()
 if result is None:
     st.stop()

@@ -42,7 +42,7 @@ import torch
 
 from backend.analyses.inspect_prompt import choose_target
 from backend.errors import UserInputError
-from backend.runtime.cache import cached
+from backend.runtime.cache import cached, is_cached
 from backend.runtime.hooks import edit_site, hooked, read_site
 from backend.runtime.models import ModelHandle, Progress
 from backend.runtime.prompts import encode_prompt, token_text, token_texts
@@ -50,6 +50,7 @@ from backend.runtime.results import JsonResult
 
 Path = list[tuple[int, int]]  # (layer, neuron)
 NAMED = ("path", "activation_baseline", "gradient_baseline")
+RANDOM_PATHS = 50  # random paths of the same shape in the evaluation (the default)
 
 
 @dataclass
@@ -77,9 +78,13 @@ class SuffixRunner:
     cached (``cache_prefix=False``: the whole prompt in every pass, identical results);
     p(target) read at the last position."""
 
-    def __init__(self, handle: ModelHandle, ids: list[int], position: int, target_id: int,
+    def __init__(self, handle: ModelHandle, ids: list[int], position: int, target_id: int | None,
                  cache_prefix: bool = True) -> None:
-        self.handle, self.ids, self.position, self.target_id = handle, ids, position, target_id
+        """One clean forward gives the neurons' activations, p at the last position (choose
+        ``target_id`` from ``clean_probs`` when None is given) and the prefix's keys and
+        values (the whole prompt's, cropped: a causal model's prefix is unchanged; models
+        with sliding-window layers run the prefix again)."""
+        self.handle, self.ids, self.position = handle, ids, position
         self.start = position if cache_prefix else 0  # the first position each pass runs
         self.at = position - self.start  # the path position within a pass
         self.prefix = None
@@ -88,11 +93,17 @@ class SuffixRunner:
         hooks = [read_site(adapter.site("neurons", l), lambda t, l=l: acts.__setitem__(l, t[0, position].detach()))
                  for l in range(adapter.n_layers)]
         with hooked(handle, hooks), torch.no_grad():
-            logits = handle.logits(handle.ids(ids))[0, -1].float()
+            out = adapter.base(handle.ids(ids), use_cache=self.start > 0)
+            logits = adapter.logits_from_residual_normed(out.last_hidden_state[0, -1]).float()
         if self.start > 0:
-            with handle.lock, torch.no_grad():
-                self.prefix = adapter.base(handle.ids(ids[:self.start]), use_cache=True).past_key_values
+            self.prefix = out.past_key_values
+            if any(self.prefix.is_sliding):  # a sliding window keeps too little to crop back: run the prefix
+                with handle.lock, torch.no_grad():
+                    self.prefix = adapter.base(handle.ids(ids[:self.start]), use_cache=True).past_key_values
+            else:
+                self.prefix.crop(self.start - len(ids))  # the suffix's entries removed
         self.clean_probs = logits.softmax(-1)
+        self.target_id = int(self.clean_probs.argmax()) if target_id is None else target_id
         self.clean_acts = torch.stack([acts[l] for l in range(adapter.n_layers)])  # [L, d_mlp]
 
     def _final(self, batch: int) -> torch.Tensor:
@@ -225,10 +236,9 @@ def _compute(handle, prompt, target, position, steps, top_k, n_random, seed, pro
     adapter = handle.adapter
     if steps < 1 or not 1 <= top_k <= adapter.d_mlp:
         raise UserInputError("Steps must be >= 1 and top-k between 1 and the MLP width.")
-    with torch.no_grad():
-        probs = handle.logits(handle.ids(ids))[0, -1].float().softmax(-1)
-    target_id = choose_target(handle, probs, target)
-    runner = SuffixRunner(handle, ids, position, target_id, cache_prefix)
+    runner = SuffixRunner(handle, ids, position, None, cache_prefix)
+    probs = runner.clean_probs
+    target_id = runner.target_id = choose_target(handle, probs, target)
     n_layers = adapter.n_layers
     acts = runner.clean_acts.cpu().numpy()
 
@@ -279,7 +289,7 @@ def _compute(handle, prompt, target, position, steps, top_k, n_random, seed, pro
 
 def neuron_path(
     handle: ModelHandle, prompt: str, target: str | None = None, *, position: int | None = None, steps: int = 20,
-    top_k: int = 1, n_random: int = 50, seed: int = 0, progress: Progress | None = None,
+    top_k: int = 1, n_random: int = RANDOM_PATHS, seed: int = 0, progress: Progress | None = None,
     on_layer: Callable[[Path, list[float]], None] | None = None, cache_prefix: bool = True,
 ) -> PathResult:
     """The influential neuron path of ``prompt`` for ``target`` (cached). ``on_layer``
@@ -289,6 +299,13 @@ def neuron_path(
     return cached(handle, "paths", (prompt, target, position, steps, top_k, n_random, seed, cache_prefix),
                   lambda: _compute(handle, prompt, target, position, steps, top_k, n_random, seed, report, on_layer,
                                    cache_prefix))
+
+
+def path_ready(handle: ModelHandle, prompt: str, target: str | None = None, *, steps: int = 20,
+               top_k: int = 1) -> bool:
+    """Whether ``neuron_path`` with these arguments (the others at their defaults) would
+    return at once (cached)."""
+    return is_cached(handle, "paths", (prompt, target, None, steps, top_k, RANDOM_PATHS, 0, True))
 
 
 def recurring_neurons(results: list[PathResult]) -> list[dict]:
