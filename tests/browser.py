@@ -99,7 +99,12 @@ def chromium_pages(count: int, width: int = 1400, height: int = 1000):
             browser.close()
 
 
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+
+
 def wait_until_idle(page, timeout_ms: int = 180_000) -> None:
-    """Wait until streamlit's 'running' indicator is gone (the script run finished)."""
-    page.wait_for_timeout(500)
-    page.locator("[data-testid='stStatusWidget']").wait_for(state="detached", timeout=timeout_ms)
+    """Wait until the page's script run has finished (Streamlit's own state on the app root;
+    the 'running' widget is not shown with toolbarMode minimal, so waiting for it to go
+    away returned at once)."""
+    page.wait_for_timeout(300)  # a rerun asked for by the last action starts
+    page.locator(IDLE).wait_for(state="attached", timeout=timeout_ms)

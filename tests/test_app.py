@@ -386,7 +386,7 @@ def test_suggest_tokens_reads_the_corrupted_prompt_just_typed(app, smollm2):
 
 @pytest.mark.parametrize("page, params, frames", [
     ("heatmaps", {}, ["heatmap"]),
-    ("patching", {"methods": "atp,relp"}, ["resid_pre_atp", "attn_out_atp", "mlp_out_atp", "heads_atp"]),
+    ("patching", {"methods": "atp,relp"}, ["resid_pre_atp"]),
     ("circuit", {"cmethod": "eap", "cn": "100"}, ["circuit"]),
     ("paths", {"steps": "2"}, ["paths"]),
 ])
