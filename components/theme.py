@@ -21,8 +21,10 @@ TEMPLATE = go.layout.Template(layout={
     "colorway": COLORWAY,
     "paper_bgcolor": "white",
     "plot_bgcolor": "white",
-    "xaxis": {"gridcolor": GRID, "zerolinecolor": GRID, "linecolor": GRID},
-    "yaxis": {"gridcolor": GRID, "zerolinecolor": GRID, "linecolor": GRID},
+    # automargin: the margins grow to fit the tick labels (Plotly's default is off; Streamlit's
+    # theme had turned it on, and without it token and layer labels were clipped away)
+    "xaxis": {"gridcolor": GRID, "zerolinecolor": GRID, "linecolor": GRID, "automargin": True},
+    "yaxis": {"gridcolor": GRID, "zerolinecolor": GRID, "linecolor": GRID, "automargin": True},
     "hoverlabel": {"font": {"family": FONT}},
 })
 

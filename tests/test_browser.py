@@ -75,6 +75,13 @@ def test_clicking_a_heatmap_cell_shows_the_drill_down(app_url):
         # the grid's click layer: one transparent square per cell, in row-major order
         cells = page.locator("[data-testid='stPlotlyChart']").first.locator("path.point")
         cells.nth(30 * 6).wait_for(state="attached", timeout=60_000)  # 31 rows x 6 positions (with <|endoftext|>)
+        # the layer and token labels are inside the figure, not cut off by its margins
+        chart_box = page.locator("[data-testid='stPlotlyChart']").first.bounding_box()
+        for label in (page.locator(".ytick text").filter(has_text="L29").first,
+                      page.locator(".xtick text").filter(has_text="France").first):
+            box = label.bounding_box()
+            bottom = chart_box["y"] + chart_box["height"]
+            assert box and box["x"] >= chart_box["x"] and box["y"] + box["height"] <= bottom
         cells.nth(cells.count() - 1).click(force=True)  # top row, last position
         page.get_by_text("Logit lens, top 10").wait_for(timeout=60_000)
         expect(page.locator("h3").filter(has_text="position 5").first).to_be_visible()

@@ -140,5 +140,7 @@ def test_the_template_gives_figures_the_apps_font():
         figure = go.Figure(go.Bar(x=[1], y=[2]))
         assert figure.layout.template.layout.font.family == FONT
         assert figure.layout.template.layout.plot_bgcolor == "white"
+        # tick labels fit (figures use 10 px margins; without automargin the labels were cut off)
+        assert figure.layout.template.layout.xaxis.automargin and figure.layout.template.layout.yaxis.automargin
     finally:
         pio.templates.default = default

@@ -28,7 +28,7 @@ import torch
 from backend.causal.components import ComponentRun, Layout, component_forward, layout
 from backend.causal.pairs import Metric, Scale, check_pair, faithfulness_note, make_metric, make_scale
 from backend.errors import UserInputError
-from backend.runtime.cache import cache_named, cached
+from backend.runtime.cache import cache_named, cached, is_cached
 from backend.runtime.models import ModelHandle, Progress
 from backend.runtime.norms import apply_frozen, norm_scale
 from backend.runtime.prompts import token_texts
@@ -98,7 +98,7 @@ def is_scored(handle: ModelHandle, clean: str, corrupt: str, answer: str, wrong:
         measured = make_metric(handle, answer, wrong, metric)
     except UserInputError:
         return False
-    return scored_cache.peek(("scored_pair", handle.cache_key, clean, corrupt, measured, method, steps)) is not None
+    return is_cached(handle, "scored_pair", (clean, corrupt, measured, method, steps), scored_cache)
 
 
 def _divisor(clean_run: ComponentRun, corrupt_run: ComponentRun, metric: Metric) -> float:
