@@ -278,10 +278,15 @@ def figure_frame(fig, name: str, where=None):
     of a new prompt was drawn ~0.4 s sooner after a page load (medians of 24 loads each
     way). Draw one only when the result is not cached: a cached result needs no frame."""
     holder = (where or st).empty()
+    holder.plotly_chart(presented(fig), key=f"{FRAME_KEY}{name}", theme=None)
+    return holder
+
+
+def presented(fig):
+    """``fig`` enlarged when presenting (the figure itself, changed in place)."""
     if presenting():
         fig.update_layout(height=int((fig.layout.height or 450) * 1.5), font={"size": 16})
-    holder.plotly_chart(fig, key=f"{FRAME_KEY}{name}", theme=None)
-    return holder
+    return fig
 
 
 def chart(fig, key: str, where=None, export: str | None = None, **kwargs):
@@ -289,8 +294,7 @@ def chart(fig, key: str, where=None, export: str | None = None, **kwargs):
     (``export`` = a title) a download of the figure as a standalone HTML file."""
     from components.export import figure_html
 
-    if presenting():
-        fig.update_layout(height=int((fig.layout.height or 450) * 1.5), font={"size": 16})
+    presented(fig)
     config = {**PNG_CONFIG, "toImageButtonOptions": {**PNG_CONFIG["toImageButtonOptions"], "filename": key}}
     event = (where or st).plotly_chart(fig, key=key, config=config, **kwargs, theme=None)
     if export and not presenting():

@@ -76,8 +76,8 @@ def draw(grid, site: str, method: str, tokens: list[str], where, bound: float, k
 
 def early_results() -> bool:
     """AtP and RelP at once, then the exact grids filling in batch by batch (cached pieces
-    return at once). The first approximation's grids are framed while the pair runs. False
-    when cancelled or refused."""
+    return at once). The first approximation's first grid is framed while the pair runs.
+    False when cancelled or refused."""
     ids = show_user_errors(check_pair, handle, pair.clean, pair.corrupt)  # the tokenizer only
     if ids is None:
         return False
