@@ -16,7 +16,7 @@ from backend.causal.circuit import (
     ranked_edges,
     score_pair,
 )
-from backend.causal.components import component_forward, layout
+from backend.causal.components import ComponentReplay, component_forward, layout
 from backend.causal.pairs import check_pair, make_metric
 from backend.cli import main
 from backend.errors import UserInputError
@@ -38,6 +38,19 @@ def test_component_forward_is_the_model_forward(tiny):
     assert run.outputs.shape[0] == len(names.senders) == 1 + tiny.adapter.n_layers * (tiny.adapter.n_heads + 1)
     # the logits read the sum of every sender's output
     torch.testing.assert_close(run.final_read, run.outputs.sum(0), atol=1e-5, rtol=1e-5)
+
+
+def test_heads_sharing_one_stream_give_the_same_outputs_as_one_copy_per_head(tiny):
+    """The unpatched, gradient-free run (heads split only at the output projection) gives
+    every sender's output and the metric exactly as the run with a stream per head."""
+    ids = torch.tensor([check_pair(tiny, CLEAN, CORRUPT)[0]])
+    metric = make_metric(tiny, " Mary", " John")
+    with torch.no_grad():
+        shared = ComponentReplay(tiny, shared=True).run(ids, metric)
+        copied = ComponentReplay(tiny, shared=False).run(ids, metric)
+        assert component_forward(tiny, ids, metric).inputs[0].shape[0] == 1  # the default when nothing is patched
+    torch.testing.assert_close(shared.outputs, copied.outputs, atol=1e-5, rtol=1e-5)
+    assert float(shared.value) == pytest.approx(float(copied.value), abs=1e-5)
 
 
 @pytest.mark.parametrize("per_position", [False, True])

@@ -56,7 +56,7 @@ def component_outputs(handle: ModelHandle, ids: list[int]) -> tuple[list[str], t
     """Names and outputs [S, P, d] of every sender (input embeddings, heads with their biases,
     MLPs) of the component forward (causal.components), which sum to each receiver's input."""
     def compute() -> tuple[list[str], torch.Tensor]:
-        replay = ComponentReplay(handle)
+        replay = ComponentReplay(handle, shared=True)
         with torch.no_grad():
             run = replay.run(handle.ids(ids), lambda handle, final: final.sum(-1))
         return layout(handle).senders, run.outputs.detach()
