@@ -6,6 +6,7 @@ import math
 
 import plotly.graph_objects as go
 
+from .theme import label_margins
 from .tokens import visible
 
 HIGHLIGHT = "#d62728"
@@ -34,7 +35,7 @@ def top_tokens_bar(predictions: list[dict], highlight_id: int | None = None, tit
         height=max(300, 22 * len(predictions) + 80),
         margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 40},
     )
-    return fig
+    return label_margins(fig)
 
 
 def activation_bars(tokens: list[str], values, title: str = "") -> go.Figure:
@@ -55,7 +56,7 @@ def activation_bars(tokens: list[str], values, title: str = "") -> go.Figure:
         margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
         xaxis={"tickmode": "array", "tickvals": list(range(len(tokens))), "ticktext": [visible(t) for t in tokens]},
     )
-    return fig
+    return label_margins(fig)
 
 
 def token_score_table(rows: list[dict]) -> list[dict]:
@@ -84,7 +85,7 @@ def head_grid(values, title: str = "", row_name: str = "layer", col_name: str = 
     fig.update_layout(
         title=title, height=max(250, 14 * matrix.shape[0] + 80), margin={"l": 10, "r": 10, "t": 40, "b": 10}
     )
-    return fig
+    return label_margins(fig)
 
 
 def null_histogram(null: list[float], observed: float, title: str = "", unit: str = "Δ p(target)") -> go.Figure:
@@ -93,7 +94,7 @@ def null_histogram(null: list[float], observed: float, title: str = "", unit: st
     fig.add_vline(x=observed, line={"color": HIGHLIGHT, "width": 3}, annotation_text="observed")
     fig.update_layout(title=title, height=300, xaxis={"title": unit}, yaxis={"title": "count"},
                       margin={"l": 10, "r": 10, "t": 40, "b": 10}, showlegend=False)
-    return fig
+    return label_margins(fig)
 
 
 def unit_histogram(histogram: dict, marks: dict[str, float] | None = None, title: str = "") -> go.Figure:
@@ -120,7 +121,7 @@ def unit_histogram(histogram: dict, marks: dict[str, float] | None = None, title
                                                       "range": [math.log10(x[0]), math.log10(upper)]},
                       yaxis={"title": "tokens"}, margin={"l": 10, "r": 10, "t": 40, "b": 10},
                       legend={"orientation": "h", "y": 1.25})
-    return fig
+    return label_margins(fig)
 
 
 def clicked_customdata(event) -> list:

@@ -12,6 +12,8 @@ from collections import defaultdict
 
 import plotly.graph_objects as go
 
+from .theme import label_margins
+
 CARRIES, OPPOSES = "#1f77b4", "#d62728"
 WIDTH_BINS = (0.6, 1.5, 3.0, 5.0)
 KIND_STYLE = {"input": ("square", "#7f7f7f"), "head": ("circle", "#ff7f0e"), "mlp": ("diamond", "#9467bd"),
@@ -84,7 +86,7 @@ def circuit_figure(nodes: list[dict], edges: list[dict], n_layers: int, n_heads:
                "ticktext": ["MLP", *map(str, range(n_heads))]},
         legend={"orientation": "h", "y": 1.04},
     )
-    return fig
+    return label_margins(fig)
 
 
 def faithfulness_curve(curve: list[dict], chosen: int, random_values: list[float] | None = None) -> go.Figure:
@@ -108,4 +110,4 @@ def faithfulness_curve(curve: list[dict], chosen: int, random_values: list[float
     fig.update_layout(height=330, xaxis={"type": "log", "title": "edges in the circuit"},
                       yaxis={"title": "faithfulness (0 corrupted, 1 clean)"},
                       margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend={"orientation": "h", "y": 1.12})
-    return fig
+    return label_margins(fig)

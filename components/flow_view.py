@@ -8,6 +8,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 from .charts import clicked_customdata
+from .theme import label_margins
 from .tokens import visible
 
 COLOURS = {"attention": "#1f77b4", "mlp": "#ff7f0e", "residual": "#b0b0b0"}
@@ -63,7 +64,7 @@ def flow_figure(edges: list[dict], tokens: list[str], n_layers: int, parallel: b
                "range": [-0.6, len(tokens) - 0.4]},
         yaxis={"title": "layer", "range": [-0.5, n_layers + 0.5]},
     )
-    return fig
+    return label_margins(fig)
 
 
 def selected_edge(event) -> tuple[int, int, int] | None:

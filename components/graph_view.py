@@ -15,6 +15,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .charts import clicked_customdata
+from .theme import label_margins
 from .tokens import visible
 
 KIND_STYLE = {  # marker symbol and colour per node kind
@@ -176,7 +177,7 @@ def graph_figure(
             "zeroline": False,
         },
     )
-    return fig
+    return label_margins(fig)
 
 
 def _short_label(node) -> str:

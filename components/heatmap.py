@@ -9,6 +9,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .charts import clicked_customdata
+from .theme import PLOT_PX, label_margins
 from .tokens import visible
 
 
@@ -23,11 +24,12 @@ def plain_grid(
     diverging: bool = False,
     row_px: int = 24,
     bound: float | None = None,
+    plot_px: float = PLOT_PX,
 ) -> go.Figure:
     """A rows x columns heatmap (row 0 at the bottom) with hover, without click targets: for
     grids that are replaced moments later (a first look, a grid filling in), where the
     browser's time is better spent elsewhere. ``bound`` fixes a diverging colour scale to
-    [-bound, bound] (shared between figures)."""
+    [-bound, bound] (shared between figures); ``plot_px``: about how wide it will be drawn."""
     matrix = np.asarray(values, dtype=float)
     n_rows, n_cols = matrix.shape
     heat = {"z": matrix, "x": list(range(n_cols)), "y": list(range(n_rows)), "colorscale": colorscale,
@@ -52,13 +54,15 @@ def plain_grid(
                "zeroline": False},
         plot_bgcolor="white",
     )
-    return fig
+    return label_margins(fig, plot_px)
 
 
-def grid_frame(columns: list[str], rows: list[str], *, title: str = "", row_px: int = 24) -> go.Figure:
+def grid_frame(columns: list[str], rows: list[str], *, title: str = "", row_px: int = 24,
+               plot_px: float = PLOT_PX) -> go.Figure:
     """The frame of a grid still being computed: its axes, labels and size, no values (see
     views.common.figure_frame)."""
-    fig = plain_grid(np.full((len(rows), len(columns)), np.nan), columns, rows, title=title, row_px=row_px)
+    fig = plain_grid(np.full((len(rows), len(columns)), np.nan), columns, rows, title=title, row_px=row_px,
+                     plot_px=plot_px)
     fig.update_traces(hoverinfo="skip", hovertext=None, showscale=False)
     return fig
 
@@ -83,11 +87,12 @@ def clickable_grid(
     selected: tuple[int, int] | None = None,
     row_px: int = 24,
     bound: float | None = None,
+    plot_px: float = PLOT_PX,
 ) -> go.Figure:
     """``plain_grid`` overlaid with one nearly transparent square marker per cell, which is
     what a click selects (customdata = [row, column]); the hover moves to the markers."""
     fig = plain_grid(values, columns, rows, text=text, title=title, colorscale=colorscale, diverging=diverging,
-                     row_px=row_px, bound=bound)
+                     row_px=row_px, bound=bound, plot_px=plot_px)
     heat = fig.data[0]
     hover = [cell for row in heat.hovertext for cell in row]
     heat.update(hovertext=None, hoverinfo="skip")
@@ -164,7 +169,7 @@ def pattern_figure(pattern, tokens: list[str], title: str = "") -> go.Figure:
                                hovertemplate="query %{y} → key %{x}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title=title, height=520, yaxis={"autorange": "reversed", "title": "query"},
                       xaxis={"title": "key"}, margin={"l": 10, "r": 10, "t": 40, "b": 10})
-    return fig
+    return label_margins(fig)
 
 
 def coloured_tokens_html(tokens: list[str], values, bound: float | None = None, mark: int | None = None,

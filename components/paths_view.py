@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from .theme import label_margins
+
 ROWS = {"path": ("NeuronPath", "#d62728"), "gradient_baseline": ("greedy gradient × activation", "#2ca02c"),
         "activation_baseline": ("most activated", "#1f77b4")}
 
@@ -74,7 +76,7 @@ def path_figure(path: list[dict], baselines: dict[str, list[dict]], n_layers: in
         yaxis={"tickmode": "array", "tickvals": [0.0, -2.0, -4.0], "ticktext": [ROWS[n][0] for n in rows],
                "range": [-5.2, 0.8], "showgrid": False, "zeroline": False},
     )
-    return fig
+    return label_margins(fig)
 
 
 def evaluation_figure(evaluation: dict) -> go.Figure:
@@ -91,4 +93,4 @@ def evaluation_figure(evaluation: dict) -> go.Figure:
     fig.update_layout(
         barmode="group", height=320, yaxis={"title": "Δ p(target)"}, margin={"l": 10, "r": 10, "t": 30, "b": 10}
     )
-    return fig
+    return label_margins(fig)
