@@ -103,10 +103,14 @@ def _tick_labels(fig: go.Figure, axis: str) -> list[str]:
             continue
         if isinstance(values[0], str):
             categories += [str(value) for value in values]
-        else:
+            continue
+        try:
             array = np.asarray(values, dtype=float)
-            if np.isfinite(array).any():
-                numbers += [float(np.nanmin(array)), float(np.nanmax(array))]
+        except (TypeError, ValueError):  # dates and other non-numbers: automargin alone sizes them
+            continue
+        finite = array[np.isfinite(array)]
+        if finite.size:
+            numbers += [float(finite.min()), float(finite.max())]
     if categories:
         return list(dict.fromkeys(categories))
     log = layout.type == "log"

@@ -73,7 +73,7 @@ def layout(handle: ModelHandle) -> Layout:
 @dataclass
 class ComponentRun:
     outputs: torch.Tensor  # [S, P, d] sender outputs
-    inputs: list[torch.Tensor]  # receiver inputs in receiver order, grouped: heads [H,P,d], MLP [1,P,d], logits [1,P,d]
+    inputs: list[torch.Tensor]  # receiver inputs in order, grouped: heads [H,P,d] ([1,P,d] shared), MLP, logits [1,P,d]
     final_read: torch.Tensor  # [P, d] the final norm's input
     value: torch.Tensor  # the metric (scalar)
 
