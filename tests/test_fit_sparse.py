@@ -53,6 +53,32 @@ def test_jumprelu_threshold_gradient_is_the_derivative_of_the_smoothed_step():
     assert torch.equal(pre.grad, (pre.detach() > 0.01).double())
 
 
+@pytest.mark.parametrize("cross_layer", [True, False])
+def test_the_training_prediction_is_each_layers_decoder_sum(cross_layer):
+    """The model's prediction for layer j equals b_dec_j + sum over i <= j of layer i's
+    features times its decoder slice j - i (cross-layer), or layer j's own term, written as a
+    plain loop over (i, j) pairs."""
+    torch.manual_seed(0)
+    n_layers, d_model, n_features, n_tokens = 4, 6, 5, 7
+    spec = SparseSpec("jumprelu", n_features, 2, 1, n_tokens, 0)
+    model = SparseTranscoders(n_layers, d_model, spec, cross_layer, False, torch.randn(n_layers, d_model),
+                              torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for w in model.W_dec:
+            w.normal_()
+        model.log_threshold.fill_(-3.0)
+    x = torch.randn(n_layers, n_tokens, d_model)
+    prediction, _, _ = model(x)
+    pre = torch.einsum("lbd,lfd->lbf", x, model.W_enc) + model.b_enc[:, None]
+    features = pre * (pre > model.log_threshold.exp()[:, None])
+    for j in range(n_layers):
+        expected = model.b_dec[j].expand(n_tokens, d_model).clone()
+        for i in range(j + 1):
+            if cross_layer or i == j:
+                expected += features[i] @ model.W_dec[i][:, j - i]
+        torch.testing.assert_close(prediction[j], expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])
 def test_features_start_at_the_target_l0_even_above_torch_quantiles_size_limit(activation):
     """30 layers x 1024 tokens x 1024 features: 31M pre-activations (torch.quantile takes 16M)."""
