@@ -12,6 +12,8 @@ from .charts import clicked_customdata
 from .theme import PLOT_PX, label_margins
 from .tokens import visible
 
+THIRD_PLOT_PX = 220  # about how wide a grid's plot is when three share a row (patching)
+
 
 def plain_grid(
     values,

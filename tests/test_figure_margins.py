@@ -19,13 +19,12 @@ import streamlit
 from components import theme
 from components.charts import activation_bars, head_grid, null_histogram, top_tokens_bar, unit_histogram
 from components.circuit_view import circuit_figure, faithfulness_curve
-from components.heatmap import clickable_grid, grid_frame, pattern_figure, plain_grid
+from components.heatmap import THIRD_PLOT_PX, clickable_grid, grid_frame, pattern_figure, plain_grid
 from components.paths_view import evaluation_figure, path_figure
 from tests.browser import chromium_page, require_chromium
 
 TOKENS = ["<|im_start|>", "When", " Mary", " and", " John", " went", " to", " the", " store", ",", " John", " gave",
           " a", " drink", " to"]
-PATCHING_GRID_PX = 220  # views.patching.GRID_PX (a page module: not importable)
 LAYERS = ["emb"] + [f"L{layer}" for layer in range(30)]
 NARROW = {"patching grid": 330}  # figures drawn three to a row; the others take the page's width, 940 px
 SLACK_PX = 40  # how much wider than automargin's own result the left margin may be; the bottom one
@@ -50,7 +49,7 @@ def figures() -> dict:
     return {
         "heatmap grid": clickable_grid(grid, TOKENS, LAYERS, title="Logit lens"),
         "patching grid": plain_grid(grid, TOKENS, LAYERS[1:] + ["L30"], diverging=True, row_px=10,
-                                    plot_px=PATCHING_GRID_PX),
+                                    plot_px=THIRD_PLOT_PX),
         "grid frame": grid_frame(TOKENS, LAYERS, title="computing…"),
         "head grid": head_grid(rng.normal(size=(30, 9)), "Direct effect"),
         "pattern": pattern_figure(rng.random((len(TOKENS), len(TOKENS))), TOKENS, "a9.h6"),

@@ -19,7 +19,7 @@ from backend.causal.patching import (
 )
 from backend.runtime.prompts import token_texts
 from backend.settings import PATCHING
-from components.heatmap import clickable_grid, grid_frame, plain_grid, selected_cell
+from components.heatmap import THIRD_PLOT_PX, clickable_grid, grid_frame, plain_grid, selected_cell
 from views.common import (
     chart,
     current,
@@ -36,7 +36,6 @@ from views.intervene_panel import intervene_panel
 from views.pair_inputs import pair_inputs, scale_caption, show_scale
 from views.save_panel import save_panel
 
-GRID_PX = 220  # about how wide a grid's plot is, three to a row
 NAMES = {"exact": "Exact patching", "atp": "AtP", "relp": "RelP"}
 SITE_NAMES = {"resid_pre": "Residual stream (block input)", "attn_out": "Attention output", "mlp_out": "MLP output",
               "heads": "Attention heads (all positions)"}
@@ -70,7 +69,7 @@ def columns_of(site: str, tokens: list[str]) -> list[str]:
 
 def draw(grid, site: str, method: str, tokens: list[str], where, bound: float, key: str):
     figure = clickable_grid(grid, columns_of(site, tokens), rows, title=NAMES[method], diverging=True, bound=bound,
-                            row_px=14, plot_px=GRID_PX)
+                            row_px=14, plot_px=THIRD_PLOT_PX)
     return chart(figure, key, where=where, export=f"{NAMES[method]}, {SITE_NAMES[site]}: {selection.prompt}",
                  on_select="rerun", selection_mode="points")
 
@@ -95,7 +94,7 @@ def early_results() -> bool:
                                          metric=pair.metric, freeze_attention=frozen):
         first, site = shown[0], SITES[0]  # one frame: four took the browser longer than the approximation
         frame = grid_frame(columns_of(site, tokens), rows, title=f"{NAMES[first]}: {SITE_NAMES[site]} (computing…)",
-                           row_px=10, plot_px=GRID_PX)
+                           row_px=10, plot_px=THIRD_PLOT_PX)
         figure_frame(frame, f"{site}_{first}", where=placeholders[site, first])
     prepared = show_user_errors(prepare_pair, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, pair.metric)
     if prepared is None:
@@ -112,7 +111,7 @@ def early_results() -> bool:
             placeholders[site, method].plotly_chart(
                 plain_grid(found[0][site], columns_of(site, tokens), rows, title=f"{NAMES[method]}: "
                            f"{SITE_NAMES[site]}", diverging=True, bound=bound, row_px=10,
-                           plot_px=GRID_PX),
+                           plot_px=THIRD_PLOT_PX),
                 key=f"early_{site}_{method}", theme=None)
     if "exact" not in methods:
         return True
@@ -121,7 +120,7 @@ def early_results() -> bool:
         done = np.isfinite(grid)
         bound = float(np.abs(grid[done]).max()) if done.any() else 1.0
         figure = plain_grid(np.where(done, grid, 0.0), columns_of(site, tokens), rows, diverging=True,
-                            bound=bound or 1.0, row_px=10, plot_px=GRID_PX,
+                            bound=bound or 1.0, row_px=10, plot_px=THIRD_PLOT_PX,
                             title=f"Exact: {SITE_NAMES[site]} ({int(done.sum())}/{grid.size})")
         placeholders[site].plotly_chart(figure, key=f"stream_{site}_{int(done.sum())}", theme=None)
 
