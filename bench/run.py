@@ -437,15 +437,37 @@ def section_index_full() -> dict:
             "disk_mb": size / 1e6, "built": meta.get("built"), "directory": str(directory)}
 
 
+# In the page, from navigation start (performance.now()): the first animation frame in which
+# a result figure (a Plotly SVG outside a figure frame, or a table) is laid out, i.e. the
+# frame that paints it. Playwright's own wait sees it later: its check is queued behind the
+# page's long tasks and answers over CDP (0.1-0.5 s later on 2 busy cores).
+FIRST_RESULT_JS = """
+window.__firstResult = null;
+const tick = () => {
+  for (const el of document.querySelectorAll("[data-testid='stPlotlyChart'] .main-svg, [data-testid='stDataFrame']")) {
+    if (!el.closest("[class*='st-key-frame_']") && el.getClientRects().length > 0) {
+      window.__firstResult = performance.now();
+      return;
+    }
+  }
+  requestAnimationFrame(tick);
+};
+requestAnimationFrame(tick);
+"""
+
+
 def section_browser() -> dict:
     """Per page, on a warm server (model loaded; each page's analysis not yet cached; no index
     build in the background), in Debian's Chromium: seconds from navigation to the first
     feedback (a progress bar or a result), to the first drawn figure (its SVG, not a figure
     frame), and to the final view (the script run finished; the next page starts only then).
-    Full loads by URL are repeated on three IOI-style prompts (nothing cached: each prompt is
-    new) and reported as median and max; then, as the issue's newcomer, each page once by a
-    sidebar click from the start page on the default prompt. Budget: a first useful result
-    within 3 s (for the graph, its progress by phase). Browser and server share the 2 cores."""
+    The first figure is timed twice: in the page (FIRST_RESULT_JS, the frame that paints it:
+    ``first_figure_in_page_s``) and as Playwright sees it (``first_figure_s``, later by its
+    own latency). Full loads by URL are repeated on three IOI-style prompts (nothing cached:
+    each prompt is new) and reported as median and max; then, as the issue's newcomer, each
+    page once by a sidebar click from the start page on the default prompt. Budget: a first
+    useful result within 3 s (for the graph, its progress by phase), judged on the in-page
+    time. Browser and server share the 2 cores."""
     import statistics
 
     from tests.browser import RESULT, chromium_page, served_app, wait_until_idle
@@ -462,6 +484,7 @@ def section_browser() -> dict:
             chromium_page(height=1400) as page:
         page.goto(f"{url}/inspector?prompt=warm+up")  # load the model once
         page.locator(figure).first.wait_for(timeout=300_000)
+        page.add_init_script(FIRST_RESULT_JS)
         for prompt in prompts:
             query = urllib.parse.urlencode({"prompt": prompt})
             for path in pages:
@@ -471,21 +494,24 @@ def section_browser() -> dict:
                 page.locator("h1").first.wait_for(timeout=600_000)
                 page.locator(f"{figure}, {progress}, h2, h3, [data-testid='stAlert']").first.wait_for(timeout=600_000)
                 feedback = time.perf_counter() - start
-                drawn = None
+                drawn = in_page = None
                 if path not in ("gallery", ""):
                     page.locator(figure).first.wait_for(timeout=600_000)
                     drawn = time.perf_counter() - start
+                    page.wait_for_function("window.__firstResult !== null", timeout=60_000)
+                    in_page = page.evaluate("window.__firstResult") / 1000
                 wait_until_idle(page, 600_000)
                 runs[path or "start"].append({"first_feedback_s": feedback, "first_figure_s": drawn,
+                                              "first_figure_in_page_s": in_page,
                                               "final_s": time.perf_counter() - start})
         for name, measured in runs.items():
             out[name] = {}
-            for key in ("first_feedback_s", "first_figure_s", "final_s"):
+            for key in ("first_feedback_s", "first_figure_in_page_s", "first_figure_s", "final_s"):
                 values = [m[key] for m in measured if m[key] is not None]
                 if values:
                     out[name][key] = statistics.median(values)
                     out[name][key.replace("_s", "_max_s")] = max(values)
-            first = out[name].get("first_figure_s", out[name]["first_feedback_s"])
+            first = out[name].get("first_figure_in_page_s", out[name]["first_feedback_s"])
             out[name]["first_within_3s"] = first <= 3.0
         # the issue's newcomer: the start page on the default prompt (not computed yet), then
         # each page by a click in the sidebar (no page reload, so no new Plotly bundle)

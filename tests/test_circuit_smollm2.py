@@ -5,8 +5,18 @@ where EAP's first-order score has the wrong sign, which is why EAP-IG is the def
 import numpy as np
 import pytest
 
-from backend.causal.circuit import circuit, faithfulness, ranked_edges, score_pair
+from backend.causal.circuit import (
+    circuit,
+    faithfulness,
+    is_scored,
+    ranked_edges,
+    score_pair,
+    scored_cache,
+    suggest_tokens_scoring_eap,
+)
 from backend.causal.components import layout
+from backend.causal.pairs import default_answer_wrong, suggestion_ready
+from backend.runtime.cache import clear_all
 from tests.test_patching_smollm2 import PAIR
 
 
@@ -51,3 +61,24 @@ def test_eap_ig_gets_the_sign_of_an_edge_eap_gets_wrong(smollm2):
     exact = faithfulness(smollm2, ig, alone) - faithfulness(smollm2, ig, everything)
     assert exact < 0 and ig.scores[sender, receiver].sum() < 0 < eap.scores[sender, receiver].sum()
     assert np.sign(exact) == np.sign(ig.scores[sender, receiver].sum())
+
+
+@pytest.mark.parametrize("metric", ["logit_diff", "logprob"])
+def test_tokens_suggested_from_eap_runs_are_the_plain_suggestion_and_cache_eap_scores(smollm2, metric):
+    """The circuit page's suggestion (EAP's own two runs) chooses the tokens the plain batched
+    forward chooses (Mary against John), and the EAP scores it caches on the way are those
+    score_pair computes from scratch for that choice (fails on a choice read from the wrong
+    stream or position, or on scores cached under another metric)."""
+    clean, corrupt = PAIR["clean"], PAIR["corrupt"]
+    plain = default_answer_wrong(smollm2, clean, corrupt)
+    assert (plain.answer, plain.wrong) == (PAIR["answer"], PAIR["wrong"])
+    clear_all()  # the suggestion and the scores are computed again
+    choice = suggest_tokens_scoring_eap(smollm2, clean, corrupt, None, metric)
+    assert choice == plain and suggestion_ready(smollm2, clean, corrupt)
+    wrong = choice.wrong if metric == "logit_diff" else None
+    assert is_scored(smollm2, clean, corrupt, choice.answer, wrong, "eap", 1, metric)
+    from_suggestion = score_pair(smollm2, clean, corrupt, choice.answer, wrong, "eap", 1, metric)
+    scored_cache.clear()
+    fresh = score_pair(smollm2, clean, corrupt, choice.answer, wrong, "eap", 1, metric)
+    np.testing.assert_allclose(from_suggestion.scores, fresh.scores, rtol=1e-6, atol=1e-9)
+    assert from_suggestion.scale == fresh.scale and from_suggestion.metric == fresh.metric

@@ -8,7 +8,7 @@ from backend.analyses.heatmaps import cell_detail, heatmap
 from backend.analyses.inspect_prompt import inspect_prompt
 from backend.analyses.lens import logit_lens
 from backend.analyses.neurons import neuron_view
-from backend.causal.circuit import circuit, node_ablation, score_pair
+from backend.causal.circuit import circuit, node_ablation, score_pair, suggest_tokens_scoring_eap
 from backend.causal.controls import controls, dead_salmon
 from backend.causal.interventions import intervene, neuron_items
 from backend.causal.pairs import default_answer_wrong
@@ -42,6 +42,7 @@ def analyses(handle):
         "intervene": lambda: intervene(handle, PROMPT, spec),
         "controls": lambda: controls(handle, PROMPT, spec, n_random=5),
         "pair tokens": lambda: default_answer_wrong(handle, PROMPT, CORRUPT),
+        "pair tokens with EAP": lambda: suggest_tokens_scoring_eap(handle, PROMPT, CORRUPT, " Mary"),
     }
 
 

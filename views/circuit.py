@@ -12,6 +12,7 @@ from backend.causal.circuit import (
     is_scored,
     node_ablation,
     score_pair,
+    suggest_tokens_scoring_eap,
     top_edges,
 )
 from backend.settings import CIRCUIT
@@ -34,7 +35,7 @@ from views.common import (
     write_url,
 )
 from views.intervene_panel import intervene_panel
-from views.pair_inputs import pair_inputs, scale_caption, show_scale
+from views.pair_inputs import pair_inputs, scale_caption, show_scale, tokens_pending
 from views.save_panel import node_labels, save_panel
 
 NAMES = {"eap": "EAP", "eap-ig": "EAP-IG"}
@@ -44,7 +45,8 @@ st.caption("Edge score = (corrupted − clean sender output) · gradient of the 
            "from the corrupted to the clean input (EAP-IG; EAP takes the clean point only). Faithfulness is measured "
            "by patching every edge outside the circuit to its corrupted value.")
 selection, handle = current()
-pair = pair_inputs(handle, selection, "circuit")
+
+pair_box = st.container()  # filled below: on a new prompt the graph's frame is drawn first
 for setting in CIRCUIT.settings:
     setting_state(setting)
 for key in ("url_cn", "url_ctarget"):  # the widgets show "unset" as 0
@@ -66,14 +68,6 @@ for setting in CIRCUIT.settings:
     else:
         write_setting(setting)
 
-settings = {"method": st.session_state.url_cmethod, "steps": int(st.session_state.url_csteps),
-            "top_n": int(st.session_state.url_cn) if st.session_state.url_cn else None,
-            "target_faithfulness": float(st.session_state.url_ctarget) if st.session_state.url_ctarget else None,
-            "top_fraction": float(st.session_state.url_cfrac), "per_position": bool(st.session_state.url_cpos),
-            "prune": bool(st.session_state.url_cprune), "n_random": int(st.session_state.url_crandom),
-            "metric": pair.metric}
-if settings["top_n"] is not None:
-    settings["target_faithfulness"] = None
 adapter = handle.adapter
 left, right = st.columns([3, 2])
 
@@ -106,26 +100,53 @@ def show_eap_first(where) -> None:
         draw_circuit(nodes, edges, st, key="circuit_eap_first")
 
 
+def suggest_scoring_eap(handle, clean: str, corrupt: str, answer: str | None):
+    """The pair's suggested tokens, with EAP's first look scored by the same two runs."""
+    metric = st.session_state.get("url_metric") or "logit_diff"
+    return suggest_tokens_scoring_eap(handle, clean, corrupt, answer, metric)
+
+
+def draw_frame(where) -> None:
+    """The graph's frame (its nodes, no edges) while the first scores are computed."""
+    frame = circuit_figure(component_nodes(handle), [], adapter.n_layers, adapter.n_heads)
+    figure_frame(frame.update_layout(title="Scoring edges…"), "circuit", where=where)
+
+
 saved = opened("circuit")
+first_look = st.empty()
+# a new prompt's pair tokens come from EAP's runs (~1 s): the frame first, so the browser
+# loads and runs Plotly meanwhile
+framed = saved is None and tokens_pending(handle, selection)
+if framed:
+    draw_frame(first_look)
+with pair_box:
+    pair = pair_inputs(handle, selection, "circuit", suggest=suggest_scoring_eap)
+settings = {"method": st.session_state.url_cmethod, "steps": int(st.session_state.url_csteps),
+            "top_n": int(st.session_state.url_cn) if st.session_state.url_cn else None,
+            "target_faithfulness": float(st.session_state.url_ctarget) if st.session_state.url_ctarget else None,
+            "top_fraction": float(st.session_state.url_cfrac), "per_position": bool(st.session_state.url_cpos),
+            "prune": bool(st.session_state.url_cprune), "n_random": int(st.session_state.url_crandom),
+            "metric": pair.metric}
+if settings["top_n"] is not None:
+    settings["target_faithfulness"] = None
 if saved is not None:
     result = CircuitResult.from_json(saved.result)
 else:
-    first_look = st.empty()
 
     def scored_already(method: str) -> bool:
         return is_scored(handle, pair.clean, pair.corrupt, pair.answer, pair.wrong, method, settings["steps"],
                          pair.metric)
 
     if not scored_already(settings["method"]):
-        if not scored_already("eap"):  # nothing to draw for a second or more: the graph's frame meanwhile
-            frame = circuit_figure(component_nodes(handle), [], adapter.n_layers, adapter.n_heads)
-            figure_frame(frame.update_layout(title="Scoring edges…"), "circuit", where=first_look)
+        if not framed and not scored_already("eap"):  # nothing to draw for a second or more
+            draw_frame(first_look)
         if settings["method"] == "eap-ig":
             show_eap_first(first_look)
     scored = run_with_progress(score_pair, handle, pair.clean, pair.corrupt, pair.answer, pair.wrong,
                                settings["method"], settings["steps"], pair.metric, label="Scoring edges",
                                key="circuit_scores")
     if scored is None:
+        first_look.empty()
         st.stop()
     first_look.empty()
     preview = st.empty()

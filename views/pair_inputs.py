@@ -3,11 +3,12 @@ the pair follows the user from one page to the other), and how a pair's scale is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import streamlit as st
 
-from backend.causal.pairs import MIN_SPAN, default_answer_wrong, propose_corruption
+from backend.causal.pairs import MIN_SPAN, AnswerChoice, default_answer_wrong, propose_corruption, suggestion_ready
 from backend.errors import UserInputError
 from backend.runtime.models import ModelHandle
 from backend.settings import PAIR
@@ -51,16 +52,22 @@ def _set_pair(**values: str) -> None:
             del st.session_state[key]
 
 
-def _suggest_tokens(handle: ModelHandle, selection: Selection, page: str | None = None) -> None:
-    """Answer and wrong tokens from where the two runs differ (pairs.default_answer_wrong);
-    ``page``: read the corrupted prompt as that page's field holds it now (a click right
-    after an edit comes before the page copies the field to the pair)."""
+# (handle, clean, corrupt, answer or None) -> the suggested answer and wrong tokens
+Suggest = Callable[[ModelHandle, str, str, str | None], AnswerChoice]
+
+
+def _suggest_tokens(handle: ModelHandle, selection: Selection, page: str | None = None,
+                    suggest: Suggest = default_answer_wrong) -> None:
+    """Answer and wrong tokens from where the two runs differ (pairs.default_answer_wrong, or
+    a page's own ``suggest`` making the same choice); ``page``: read the corrupted prompt as
+    that page's field holds it now (a click right after an edit comes before the page copies
+    the field to the pair)."""
     corrupt = st.session_state.get(_widget_key(page, "corrupt")) if page else None
     corrupt = corrupt if corrupt is not None else st.session_state.get("url_corrupt", "")
     if page:
         _set_pair(corrupt=corrupt)
     try:
-        choice = default_answer_wrong(handle, selection.text, selection.with_prompt(corrupt), selection.target or None)
+        choice = suggest(handle, selection.text, selection.with_prompt(corrupt), selection.target or None)
     except UserInputError as exc:
         st.session_state.pair_reason = str(exc)
         return
@@ -68,23 +75,43 @@ def _suggest_tokens(handle: ModelHandle, selection: Selection, page: str | None 
     st.session_state.pair_reason = choice.reason
 
 
-def pair_inputs(handle: ModelHandle, selection: Selection, page: str) -> Pair:
-    """Draw the corrupted prompt, answer, wrong and metric inputs; return the pair (the page
-    stops with a message when the corrupted prompt is unusable)."""
+def _seed_pair(handle: ModelHandle, selection: Selection) -> None:
+    """The pair's session keys from the URL (once), the corrupted prompt proposed when empty."""
     setting_state(PAIR["corrupt"])
     if not st.session_state.url_corrupt:
         st.session_state.url_corrupt = _proposed(selection, handle)
     for name in ("answer", "wrong", "metric"):
         setting_state(PAIR[name])
+
+
+def tokens_pending(handle: ModelHandle, selection: Selection) -> bool:
+    """Whether pair_inputs will first suggest the answer and wrong tokens by running both
+    prompts (not cached): nothing of this pair is computed yet, so a page may draw its
+    frames first."""
+    _seed_pair(handle, selection)
+    if st.session_state.url_answer:
+        return False
+    try:
+        corrupt = selection.with_prompt(st.session_state.url_corrupt)
+    except UserInputError:
+        return False  # pair_inputs stops with the message
+    return not suggestion_ready(handle, selection.text, corrupt, selection.target or None)
+
+
+def pair_inputs(handle: ModelHandle, selection: Selection, page: str, suggest: Suggest = default_answer_wrong) -> Pair:
+    """Draw the corrupted prompt, answer, wrong and metric inputs; return the pair (the page
+    stops with a message when the corrupted prompt is unusable). ``suggest`` chooses the
+    answer and wrong tokens (see _suggest_tokens)."""
+    _seed_pair(handle, selection)
     if not st.session_state.url_answer:
-        _suggest_tokens(handle, selection)
+        _suggest_tokens(handle, selection, suggest=suggest)
     for name in FIELDS:
         if _widget_key(page, name) not in st.session_state:
             st.session_state[_widget_key(page, name)] = st.session_state[f"url_{name}"]
 
     def propose() -> None:
         _set_pair(corrupt=_proposed(selection, handle))
-        _suggest_tokens(handle, selection)
+        _suggest_tokens(handle, selection, suggest=suggest)
 
     cols = st.columns([4, 1])
     cols[0].text_input("Corrupted prompt (same token length as the prompt in the sidebar)",
@@ -97,7 +124,7 @@ def pair_inputs(handle: ModelHandle, selection: Selection, page: str) -> Pair:
     cols[2].selectbox("Metric", PAIR["metric"].choices, format_func=METRIC_NAMES.get, key=_widget_key(page, "metric"))
     cols[1].text_input("Wrong token", key=_widget_key(page, "wrong"),
                        disabled=st.session_state[_widget_key(page, "metric")] == "logprob")
-    cols[3].button("Suggest tokens", on_click=_suggest_tokens, args=(handle, selection, page),
+    cols[3].button("Suggest tokens", on_click=_suggest_tokens, args=(handle, selection, page, suggest),
                    help="The clean run's top token against the corrupted run's; when both runs predict the same "
                         "token, the tokens the corruption lowers and raises most.")
     for name in FIELDS:

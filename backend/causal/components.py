@@ -171,11 +171,20 @@ class ComponentReplay:
         hooks.append(Hook(adapter.final_norm, "pre", partial(self._receive, len(lay.receivers) - 1, 1)))
         return hooks
 
-    def run(self, ids: torch.Tensor, metric: Metric) -> ComponentRun:
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The final-normed residual stream [1, P, d], recording the senders' outputs and the
+        receivers' inputs (read them with ``measured``)."""
         with hooked(self.handle, self.hooks()):
-            final = self.handle.adapter.base(ids, use_cache=False).last_hidden_state
+            return self.handle.adapter.base(ids, use_cache=False).last_hidden_state
+
+    def measured(self, final: torch.Tensor, metric: Metric) -> ComponentRun:
+        """The run just forwarded, with ``metric`` read from its ``final`` stream (a caller may
+        look at the stream first, e.g. to choose the metric's tokens)."""
         value = metric(self.handle, final)[0]
         return ComponentRun(torch.stack(self.outputs), self.inputs, self.inputs[-1][0], value)
+
+    def run(self, ids: torch.Tensor, metric: Metric) -> ComponentRun:
+        return self.measured(self.forward(ids), metric)
 
 
 def component_forward(handle: ModelHandle, ids: torch.Tensor, metric: Metric, *, embed: torch.Tensor | None = None,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from backend.errors import UserInputError
+from backend.runtime.cache import cached, is_cached
 from backend.runtime.models import ModelHandle
 from backend.runtime.prompts import encode_prompt, resolve_token, token_text
 
@@ -90,15 +91,40 @@ class AnswerChoice:
     reason: str  # why these two, in a sentence
 
 
-@torch.no_grad()
 def default_answer_wrong(handle: ModelHandle, clean: str, corrupt: str, answer: str | None = None) -> AnswerChoice:
     """The clean run's top token against the corrupted run's top token when they differ;
     when both runs predict the same token (e.g. " the"), the tokens whose probability the
-    corruption lowers most (answer) and raises most (wrong). A given ``answer`` is kept."""
+    corruption lowers most (answer) and raises most (wrong). A given ``answer`` is kept.
+    Cached (see remember_suggestion)."""
     clean_ids, corrupt_ids = check_pair(handle, clean, corrupt)
-    with torch.no_grad():  # both runs in one batch (equal lengths), read at the last position only
-        last = handle.final_residual(torch.tensor([clean_ids, corrupt_ids], device=handle.device))[:, -1]
-        p_clean, p_corrupt = handle.adapter.logits_from_residual_normed(last).float().softmax(-1)
+
+    @torch.no_grad()
+    def compute() -> AnswerChoice:  # both runs in one batch (equal lengths), read at the last position only
+        final = handle.final_residual(torch.tensor([clean_ids, corrupt_ids], device=handle.device))
+        return choose_answer_wrong(handle, final[0, -1], final[1, -1], answer)
+
+    return cached(handle, "answer_wrong", (clean, corrupt, answer or None), compute)
+
+
+def suggestion_ready(handle: ModelHandle, clean: str, corrupt: str, answer: str | None = None) -> bool:
+    """Whether default_answer_wrong would return at once (its choice is cached)."""
+    return is_cached(handle, "answer_wrong", (clean, corrupt, answer or None))
+
+
+def remember_suggestion(handle: ModelHandle, clean: str, corrupt: str, answer: str | None,
+                        choice: AnswerChoice) -> None:
+    """Cache ``choice`` as default_answer_wrong's, for a caller that made it from its own runs
+    of both prompts (choose_answer_wrong)."""
+    cached(handle, "answer_wrong", (clean, corrupt, answer or None), lambda: choice)
+
+
+@torch.no_grad()
+def choose_answer_wrong(handle: ModelHandle, clean_last: torch.Tensor, corrupt_last: torch.Tensor,
+                        answer: str | None = None) -> AnswerChoice:
+    """default_answer_wrong's choice from the two runs' final-normed residuals at the last
+    position [d] (for a caller that has run both prompts already)."""
+    last = torch.stack([clean_last, corrupt_last]).detach()
+    p_clean, p_corrupt = handle.adapter.logits_from_residual_normed(last).float().softmax(-1)
 
     def text(token_id: int) -> str:
         return token_text(handle, token_id)
