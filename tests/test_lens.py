@@ -51,3 +51,23 @@ def test_json_round_trip(tiny_llama):
 def test_repeat_is_served_from_cache(tiny_llama):
     first = logit_lens(tiny_llama, PROMPT + " again")
     assert logit_lens(tiny_llama, PROMPT + " again") is first
+
+
+def test_every_row_equals_a_full_softmax_in_any_chunking(tiny_llama, monkeypatch):
+    """Every cell against a plain softmax of the readout of run_trace's residual stream, with
+    the rows read a few at a time (catches chunks concatenated out of order, a logsumexp over
+    the wrong axis, a partial last chunk dropped)."""
+    import backend.analyses.lens as lens_module
+
+    prompt = PROMPT + " in chunks"
+    resid = torch.as_tensor(run_trace(tiny_llama, prompt).resid)
+    probs = tiny_llama.adapter.logits_from_residual(resid).double().softmax(-1)
+    for cells in (3 * resid.shape[1] - 1, 10_000):  # rows 0-1, 2-3, ... and all rows in one product
+        monkeypatch.setattr(lens_module, "LENS_CHUNK_CELLS", cells)
+        lens = lens_module._lens(tiny_llama, prompt, " Mary", " John")
+        mary, john = lens.target["id"], lens.second["id"]
+        np.testing.assert_allclose(lens.target_prob, probs[..., mary].numpy(), atol=1e-6)
+        np.testing.assert_allclose(lens.second_prob, probs[..., john].numpy(), atol=1e-6)
+        top = probs.topk(10, dim=-1)
+        np.testing.assert_allclose(lens.top10_probs, top.values.numpy(), atol=1e-6)
+        assert lens.target_rank.tolist() == (1 + (probs > probs[..., mary:mary + 1]).sum(-1)).tolist()

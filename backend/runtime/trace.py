@@ -41,6 +41,20 @@ def _numpy(tensors: list[torch.Tensor]) -> np.ndarray:
 
 
 @torch.no_grad()
+def residual_stream(handle: ModelHandle, ids: list[int]) -> torch.Tensor:
+    """The residual stream of one run, [L+1, P, d] as ``Trace.resid`` (on the model's device),
+    from the decoder stack alone: no other site is kept and no logits are computed."""
+    n_layers = handle.adapter.n_layers
+    kept: list = [None] * (n_layers + 1)
+    hooks = [read_site(handle.adapter.site("resid_pre", layer), partial(kept.__setitem__, layer))
+             for layer in range(n_layers)]
+    hooks.append(read_site(handle.adapter.site("final"), partial(kept.__setitem__, n_layers)))
+    with hooked(handle, hooks):
+        handle.final_residual(handle.ids(ids))
+    return torch.stack([t[0] for t in kept])
+
+
+@torch.no_grad()
 def run_trace(
     handle: ModelHandle,
     prompt: str,
