@@ -56,6 +56,51 @@ def test_exact_patching_invariants(result_llama, tiny_llama):
     assert last["scaled"] == pytest.approx(grid[-1, -1], abs=1e-5)
 
 
+def _patched_logit_diff(handle, site: str, layer: int, index: int, clean_ids, corrupt_ids) -> float:
+    """One whole forward of the corrupted prompt with one site's value at one position (for
+    heads: one head's slice of the output projection's input at every position) taken from a
+    separate clean run: plain torch hooks, no batch, no cache, nothing skipped."""
+    where = handle.adapter.site(site, layer)
+    pre = where.kind == "pre"
+    width = handle.adapter.head_dim
+    cell = (0, slice(None), slice(index * width, (index + 1) * width)) if site == "heads" else (0, index)
+    kept = {}
+
+    def edit(value, patch: bool):
+        tensor = value[0] if isinstance(value, tuple) else value
+        if not patch:
+            kept["clean"] = tensor[cell].clone()
+            return value
+        tensor = tensor.clone()
+        tensor[cell] = kept["clean"]
+        return (tensor,) + tuple(value[1:]) if isinstance(value, tuple) else tensor
+
+    for patch, ids in ((False, clean_ids), (True, corrupt_ids)):
+        if pre:
+            hook = where.module.register_forward_pre_hook(lambda module, args: edit(args, patch))
+        else:
+            hook = where.module.register_forward_hook(lambda module, args, output: edit(output, patch))
+        try:
+            value = ld(handle, ids)
+        finally:
+            hook.remove()
+    return value
+
+
+def test_exact_grids_equal_one_whole_patched_forward_per_cell(tiny, normalize_small_spans):
+    """Every cell of every site, on every family, against its own whole patched forward
+    (catches a cached prefix that is wrong or mislaid, a patch written at the wrong offset, a
+    cell skipped as unchanged that was not)."""
+    clean_ids, corrupt_ids = check_pair(tiny, CLEAN, CORRUPT)
+    result = patching(tiny, CLEAN, CORRUPT, " Mary", " John", methods=("exact",), batch_size=3)
+    for site in patching_module.SITES:  # compared raw: tiny models' spans are ~1e-3
+        raw = result.grids[site]["exact"] * result.metric["denominator"] + result.metric["corrupt"]
+        columns = tiny.adapter.n_heads if site == "heads" else len(clean_ids)
+        expected = [[_patched_logit_diff(tiny, site, layer, i, clean_ids, corrupt_ids) for i in range(columns)]
+                    for layer in range(tiny.adapter.n_layers)]
+        np.testing.assert_allclose(raw, expected, rtol=0, atol=2e-6, err_msg=site)
+
+
 def test_atp_equals_the_finite_difference_first_order_term(result_llama, tiny_llama):
     pair = prepare_pair(tiny_llama, CLEAN, CORRUPT, " Mary", " John")
     corrupt_pair = prepare_pair(tiny_llama, CORRUPT, CLEAN, " Mary", " John")  # its clean_acts = the corrupted run's

@@ -20,6 +20,7 @@ Each piece is cached (runtime.cache), so a page rerun (any click) recomputes not
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class PatchPair:
     metric: Metric
     clean_acts: dict[str, list[torch.Tensor]]  # site -> per layer [P, ...]
     scale: Scale
+    # site -> [L, P]: where the clean activation equals the corrupted one bit for bit, so that
+    # patching it changes nothing (every layer before the first differing token); not for heads
+    unchanged: dict[str, np.ndarray] = field(default_factory=dict)
+    shared_prefix: int = 0  # leading positions where every site of every layer is unchanged
 
 
 # ---------------------------------------------------------------- the pair
@@ -84,16 +89,19 @@ def _capture_hooks(handle: ModelHandle, store: dict[str, list]) -> list[Hook]:
 
 @torch.no_grad()
 def _run_pair(handle: ModelHandle, clean_ids: list[int], corrupt_ids: list[int],
-              metric: Metric) -> tuple[dict, float, float]:
-    """The clean run's activations at every site, and the metric on both runs: one forward
-    of the two prompts as a batch (equal lengths; two forwards of one took ~1.6x as long on
-    2 cores: a short prompt's forward mostly reads the weights)."""
+              metric: Metric) -> tuple[dict, dict, int, float, float]:
+    """The clean run's activations at every site, where they equal the corrupted run's (per
+    site, and the prefix they share), and the metric on both runs: one forward of the two
+    prompts as a batch (equal lengths; two forwards of one took ~1.6x as long on 2 cores: a
+    short prompt's forward mostly reads the weights)."""
     store: dict[str, list] = {}
     with hooked(handle, _capture_hooks(handle, store)):
         final = handle.final_residual(torch.tensor([clean_ids, corrupt_ids], device=handle.device))
     acts = {site: [t[0].detach().clone() for t in tensors] for site, tensors in store.items()}
+    equal = {site: torch.stack([(t[0] == t[1]).all(-1) for t in store[site]]).cpu().numpy() for site in SITES}
+    shared_prefix = min(int(np.argmin(row)) if not row.all() else row.size for mask in equal.values() for row in mask)
     clean_value, corrupt_value = (float(v) for v in metric(handle, final))
-    return acts, clean_value, corrupt_value
+    return acts, {site: equal[site] for site in SITES if site != "heads"}, shared_prefix, clean_value, corrupt_value
 
 
 def prepare_pair(handle: ModelHandle, clean: str, corrupt: str, answer: str, wrong: str | None,
@@ -103,9 +111,9 @@ def prepare_pair(handle: ModelHandle, clean: str, corrupt: str, answer: str, wro
     measured = make_metric(handle, answer, wrong, metric)
 
     def compute() -> PatchPair:
-        clean_acts, clean_value, corrupt_value = _run_pair(handle, clean_ids, corrupt_ids, measured)
-        return PatchPair(clean_ids, corrupt_ids, measured, clean_acts, make_scale(clean_value, corrupt_value,
-                                                                                   measured.label))
+        clean_acts, unchanged, shared, clean_value, corrupt_value = _run_pair(handle, clean_ids, corrupt_ids, measured)
+        return PatchPair(clean_ids, corrupt_ids, measured, clean_acts,
+                         make_scale(clean_value, corrupt_value, measured.label), unchanged, shared)
 
     return cached(handle, "patch_pair", (clean, corrupt, measured), compute)
 
@@ -117,8 +125,10 @@ def grid_shape(handle: ModelHandle, site: str, n_pos: int) -> tuple[int, int]:
     return handle.adapter.n_layers, handle.adapter.n_heads if site == "heads" else n_pos
 
 
-def _patch_hooks(handle: ModelHandle, site: str, jobs: list[tuple[int, int]], clean_acts: dict) -> list[Hook]:
-    """Hooks making row r of the batch the corrupted run with site jobs[r] set to clean."""
+def _patch_hooks(handle: ModelHandle, site: str, jobs: list[tuple[int, int]], clean_acts: dict,
+                 offset: int = 0) -> list[Hook]:
+    """Hooks making row r of the batch the corrupted run with site jobs[r] set to clean; the
+    batch's positions start at ``offset`` (a continuation of a cached prefix)."""
     adapter = handle.adapter
     hooks = []
     for layer in sorted({l for l, _ in jobs}):
@@ -131,9 +141,9 @@ def _patch_hooks(handle: ModelHandle, site: str, jobs: list[tuple[int, int]], cl
             if site == "heads":
                 view = tensor.view(tensor.shape[0], tensor.shape[1], adapter.n_heads, adapter.head_dim)
                 clean_heads = clean.view(clean.shape[0], adapter.n_heads, adapter.head_dim)
-                view[rows, :, index] = clean_heads[:, index].transpose(0, 1)
+                view[rows, :, index] = clean_heads[offset:, index].transpose(0, 1)
             else:
-                tensor[rows, index] = clean[index]
+                tensor[rows, index - offset] = clean[index]
             return tensor
 
         hooks.append(edit_site(adapter.site(site, layer), patch))
@@ -146,21 +156,51 @@ def _patch_hooks(handle: ModelHandle, site: str, jobs: list[tuple[int, int]], cl
 EXACT_BATCH = 16
 
 
+def _exact_batches(handle: ModelHandle, pair: PatchPair, site: str, batch_size: int) -> list[tuple[int, list]]:
+    """(first position computed, jobs) per patched forward. A cell whose clean activation
+    equals the corrupted one is no run at all. A position's cells (one per layer) share a
+    forward that continues the corrupted run's cached prefix before that position: nothing
+    there can change, and the run computes only the positions from it on. A head is patched
+    at every position, of which those of the shared prefix change nothing: its runs continue
+    the shared prefix."""
+    n_layers, n_cols = grid_shape(handle, site, len(pair.corrupt_ids))
+    if site == "heads":
+        jobs = [(l, i) for l in range(n_layers) for i in range(n_cols)]
+        first = min(pair.shared_prefix, len(pair.corrupt_ids) - 1)
+        return [(first, jobs[start:start + batch_size]) for start in range(0, len(jobs), batch_size)]
+    batches = []
+    for position in range(n_cols):
+        jobs = [(l, position) for l in range(n_layers) if not pair.unchanged[site][l, position]]
+        batches += [(position, jobs[start:start + batch_size]) for start in range(0, len(jobs), batch_size)]
+    return batches
+
+
 @torch.no_grad()
 def _exact_raw(handle: ModelHandle, pair: PatchPair, site: str, batch_size: int, progress: Progress,
                on_partial: PartialGrid | None) -> np.ndarray:
     n_layers, n_cols = grid_shape(handle, site, len(pair.corrupt_ids))
-    jobs = [(l, i) for l in range(n_layers) for i in range(n_cols)]
-    values = np.full(len(jobs), np.nan)
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        with hooked(handle, _patch_hooks(handle, site, chunk, pair.clean_acts)):
-            final = handle.final_residual(handle.ids(pair.corrupt_ids, len(chunk)))
-        values[start:start + len(chunk)] = pair.metric(handle, final).double().cpu().numpy()
-        progress(min(1.0, (start + len(chunk)) / len(jobs)), f"exact {site}: {start + len(chunk)}/{len(jobs)}")
+    values = np.full((n_layers, n_cols), np.nan)
+    if site != "heads":
+        values[pair.unchanged[site]] = pair.scale.corrupt  # patching an equal value is the corrupted run
+    batches = _exact_batches(handle, pair, site, batch_size)
+    done = int(np.isfinite(values).sum())
+    prefixes: dict[int, object] = {}
+    for start, jobs in batches:
+        past = None
+        if start > 0:
+            if start not in prefixes:
+                prefixes = {start: handle.prefix_cache(pair.corrupt_ids[:start])}
+            past = copy.deepcopy(prefixes[start])
+            past.batch_repeat_interleave(len(jobs))
+        with hooked(handle, _patch_hooks(handle, site, jobs, pair.clean_acts, offset=start)):
+            final = handle.final_residual(handle.ids(pair.corrupt_ids[start:], len(jobs)), past)
+        layers, columns = zip(*jobs)
+        values[list(layers), list(columns)] = pair.metric(handle, final).double().cpu().numpy()
+        done += len(jobs)
+        progress(done / values.size, f"exact {site}: {done}/{values.size}")
         if on_partial is not None:
-            on_partial(site, pair.scale(values.reshape(n_layers, n_cols)))
-    return values.reshape(n_layers, n_cols)
+            on_partial(site, pair.scale(values))
+    return values
 
 
 def exact_grid(handle: ModelHandle, clean: str, corrupt: str, answer: str, wrong: str | None, site: str, *,

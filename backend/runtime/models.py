@@ -76,10 +76,18 @@ class ModelHandle:
         with self.lock:
             return self.model(input_ids, use_cache=False).logits
 
-    def final_residual(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The decoder stack's output (final-normed residual stream) [B, P, d], under the lock."""
+    def final_residual(self, input_ids: torch.Tensor, past=None) -> torch.Tensor:
+        """The decoder stack's output (final-normed residual stream) [B, P, d], under the lock.
+        With ``past`` (a ``prefix_cache``), ``input_ids`` continue the cached prefix and only
+        their positions are computed and returned."""
         with self.lock:
-            return self.adapter.base(input_ids, use_cache=False).last_hidden_state
+            return self.adapter.base(input_ids, use_cache=past is not None, past_key_values=past).last_hidden_state
+
+    def prefix_cache(self, token_ids: list[int]):
+        """The key/value cache of one run of ``token_ids`` (batch 1), for ``final_residual`` to
+        continue: positions after a prefix are all that a change there can affect."""
+        with self.lock:
+            return self.adapter.base(self.ids(token_ids), use_cache=True).past_key_values
 
 
 def _no_progress(fraction: float, message: str) -> None:
