@@ -184,13 +184,13 @@ def _exact_raw(handle: ModelHandle, pair: PatchPair, site: str, batch_size: int,
         values[pair.unchanged[site]] = pair.scale.corrupt  # patching an equal value is the corrupted run
     batches = _exact_batches(handle, pair, site, batch_size)
     done = int(np.isfinite(values).sum())
-    prefixes: dict[int, object] = {}
+    prefix_start, prefix = 0, None  # the corrupted prefix's cache, shared by a position's batches
     for start, jobs in batches:
         past = None
         if start > 0:
-            if start not in prefixes:
-                prefixes = {start: handle.prefix_cache(pair.corrupt_ids[:start])}
-            past = copy.deepcopy(prefixes[start])
+            if start != prefix_start:
+                prefix_start, prefix = start, handle.prefix_cache(pair.corrupt_ids[:start])
+            past = copy.deepcopy(prefix)
             past.batch_repeat_interleave(len(jobs))
         with hooked(handle, _patch_hooks(handle, site, jobs, pair.clean_acts, offset=start)):
             final = handle.final_residual(handle.ids(pair.corrupt_ids[start:], len(jobs)), past)
