@@ -8,7 +8,7 @@ import torch
 
 from backend.causal import patching as patching_module
 from backend.causal.pairs import MIN_SPAN, check_pair, default_answer_wrong, make_scale, propose_corruption
-from backend.causal.patching import PatchResult, patch_one, patching, prepare_pair
+from backend.causal.patching import PatchResult, exact_grid, patch_one, patching, prepare_pair
 from backend.errors import UserInputError
 from backend.runtime.hooks import Hook, hooked
 from backend.runtime.prompts import resolve_token
@@ -171,6 +171,18 @@ def test_pieces_are_cached_so_a_rerun_recomputes_nothing(tiny_llama, monkeypatch
     again = patching(tiny_llama, CLEAN, CORRUPT, " Mary", " John", batch_size=16)
     assert sorted(calls) == sorted(patching_module.SITES)  # each site once, not twice
     np.testing.assert_array_equal(first.grids["heads"]["exact"], again.grids["heads"]["exact"])
+
+
+def test_exact_time_is_the_computation_s_also_when_the_grids_were_streamed_first(tiny_llama, normalize_small_spans):
+    """The patching page streams each exact grid, then asks ``patching`` for the result: the
+    time shown must be what the grids cost, not the cache read (it showed 0.00 s)."""
+    streamed = [exact_grid(tiny_llama, CLEAN, CORRUPT, " Mary", " John", site) for site in patching_module.SITES]
+    result = patching(tiny_llama, CLEAN, CORRUPT, " Mary", " John", methods=("exact",))
+    costs = [patching_module.timed_exact_grid(tiny_llama, CLEAN, CORRUPT, " Mary", " John", site)[1]
+             for site in patching_module.SITES]
+    assert all(cost > 0.005 for cost in costs)  # a cache read takes microseconds
+    assert result.seconds["exact"] == pytest.approx(sum(costs))
+    np.testing.assert_allclose(result.grids["heads"]["exact"], streamed[-1], rtol=1e-6)  # stored as float32
 
 
 def test_exact_grids_stream_partial_results(tiny_llama, normalize_small_spans):
