@@ -478,7 +478,9 @@ def section_browser() -> dict:
     ``first_figure_in_page_s``) and as Playwright sees it (``first_figure_s``, later by its
     own latency). Full loads by URL are repeated on three IOI-style prompts (nothing cached:
     each prompt is new) and reported as median and max; then, as the issue's newcomer, each
-    page once by a sidebar click from the start page on the default prompt. Budget: a first
+    page once by a sidebar click from the start page on the default prompt; then, as a
+    collaborator opening a shared link, a few pages in a browser that never loaded the app
+    (``first_visit_in_page_s``, FIRST_VISITS). Budget: a first
     useful result within 3 s (for the graph, its progress by phase), judged on the in-page
     time. Browser and server share the 2 cores."""
     import statistics
@@ -540,7 +542,36 @@ def section_browser() -> dict:
             page.locator(fresh).first.wait_for(timeout=120_000)
             out[path]["first_figure_via_sidebar_s"] = time.perf_counter() - start
             wait_until_idle(page, 600_000)
+    with served_app({"CIRCUITSCOPE_EXAMPLES": "0", "CIRCUITSCOPE_INDEX_AUTOBUILD": "0"}) as url:
+        for path, prompt in FIRST_VISITS.items():
+            print(f"[bench] browser: first visit of /{path}", file=sys.stderr, flush=True)
+            out[path]["first_visit_in_page_s"] = _first_visit(url, path, prompt)
     return out
+
+
+# A collaborator's first visit: a shared link opened in a browser that has never loaded the
+# app (its JavaScript chunks, Plotly's among them, are fetched and compiled first); a new
+# prompt per page, on a warm server.
+FIRST_VISITS = {"inspector": "When Kate and Paul went to the school, Paul gave a pen to",
+                "heatmaps": "When Emma and David went to the beach, David gave a gift to",
+                "patching": "When Sarah and James went to the market, James gave a cake to",
+                "circuit": "When Julia and Peter went to the office, Peter gave a letter to"}
+
+
+def _first_visit(url: str, path: str, prompt: str) -> float:
+    """Seconds from navigation to the first drawn result, in the page, in a fresh browser."""
+    from tests.browser import chromium_page, wait_until_idle
+
+    with chromium_page() as warm:  # the model loaded
+        warm.goto(f"{url}/inspector?prompt=warm+up")
+        wait_until_idle(warm, 600_000)
+    with chromium_page(height=1400) as page:
+        page.add_init_script(FIRST_RESULT_JS)
+        page.goto(f"{url}/{path}?" + urllib.parse.urlencode({"prompt": prompt}))
+        page.wait_for_function("window.__firstResult !== null", timeout=600_000)
+        seconds = page.evaluate("window.__firstResult") / 1000
+        wait_until_idle(page, 600_000)
+    return seconds
 
 
 def section_transformer_lens() -> dict:

@@ -415,3 +415,21 @@ def test_a_figure_frame_is_drawn_while_a_new_prompt_computes_and_replaced(app, m
         assert drawn == expected
         charts = [str(e.proto.id) for e in run.get("plotly_chart")]
         assert charts and not [c for c in charts if "frame_" in c]
+
+
+def test_throttle_lets_a_redraw_through_once_per_interval_and_always_the_final_one():
+    """The streamed exact grid's redraws (views.patching): a throttle that let every batch
+    through kept a fresh browser from drawing the AtP grids sent just before."""
+    from views.common import Throttle
+
+    now = [0.0]
+    throttle = Throttle(2.5, clock=lambda: now[0])
+    passed = []
+    for t in (0.5, 2.0, 2.6, 3.0, 4.9, 5.2, 5.3):
+        now[0] = t
+        passed.append(throttle.ready())
+    assert passed == [False, False, True, False, False, True, False]
+    now[0] = 5.4
+    assert throttle.ready(final=True)
+    now[0] = 6.0
+    assert not throttle.ready()  # the interval restarts at the final redraw

@@ -21,6 +21,7 @@ from backend.runtime.prompts import token_texts
 from backend.settings import PATCHING
 from components.heatmap import THIRD_PLOT_PX, clickable_grid, grid_frame, plain_grid, selected_cell
 from views.common import (
+    Throttle,
     chart,
     current,
     figure_frame,
@@ -37,6 +38,10 @@ from views.pair_inputs import pair_inputs, scale_caption, show_scale
 from views.save_panel import save_panel
 
 NAMES = {"exact": "Exact patching", "atp": "AtP", "relp": "RelP"}
+# The streamed exact grid is redrawn at most this often (and when a site is complete). Redrawn
+# after every batch (~3 a second), it kept a fresh browser so busy that the AtP grids drawn
+# just before stayed grey placeholders until the exact grid was done (CI, 2 cores).
+PARTIAL_EVERY_S = 2.5
 SITE_NAMES = {"resid_pre": "Residual stream (block input)", "attn_out": "Attention output", "mlp_out": "MLP output",
               "heads": "Attention heads (all positions)"}
 
@@ -117,8 +122,12 @@ def early_results() -> bool:
     if "exact" not in methods:
         return True
 
+    redraw = Throttle(PARTIAL_EVERY_S)  # from now: the approximations are drawn first
+
     def partial(site: str, grid: np.ndarray) -> None:
         done = np.isfinite(grid)
+        if not redraw.ready(final=done.all()):
+            return
         bound = float(np.abs(grid[done]).max()) if done.any() else 1.0
         figure = plain_grid(np.where(done, grid, 0.0), columns_of(site, tokens), rows, diverging=True,
                             bound=bound or 1.0, row_px=10, plot_px=THIRD_PLOT_PX,
