@@ -40,7 +40,7 @@ from views.save_panel import save_panel
 NAMES = {"exact": "Exact patching", "atp": "AtP", "relp": "RelP"}
 # The streamed exact grid is redrawn at most this often (and when a site is complete). Redrawn
 # after every batch (~3 a second), it kept a fresh browser so busy that the AtP grids drawn
-# just before stayed grey placeholders until the exact grid was done (CI, 2 cores).
+# just before stayed grey skeletons until the exact grid was done (CI, 2 cores).
 PARTIAL_EVERY_S = 2.5
 SITE_NAMES = {"resid_pre": "Residual stream (block input)", "attn_out": "Attention output", "mlp_out": "MLP output",
               "heads": "Attention heads (all positions)"}
