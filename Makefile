@@ -38,8 +38,13 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "note: /usr/bin/chromium missing; browser tests will be skipped"
 
+# Every test: first all but the browser tests on TEST_WORKERS processes (pytest-xdist; one
+# torch thread each, a test module and each expensive session fixture kept on one worker),
+# then the browser tests alone, whose waits need the CPU to themselves. Both always run.
+TEST_WORKERS ?= 2
 test: setup-dev chromium ct-venv lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not browser" -n $(TEST_WORKERS) --dist loadgroup; status=$$?; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m browser || status=1; exit $$status
 
 # Unit tests only (tiny random models): never loads SmolLM2, no browser.
 test-fast: setup-dev

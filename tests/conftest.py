@@ -14,6 +14,9 @@ os.environ.setdefault("CIRCUITSCOPE_TRANSCODERS_DIR",  # never the user's defaul
                       os.path.join(tempfile.mkdtemp(prefix="circuitscope-tc-"), "smollm2-default"))
 os.environ.setdefault("CIRCUITSCOPE_INDEX_AUTOBUILD", "0")  # pages do not start index builds during tests
 
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // int(  # pytest -n: workers share the cores
+    os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+
 import pytest
 
 from tests.tiny import FAMILIES, tiny_handle
@@ -59,10 +62,17 @@ REAL_MODEL_FIXTURES = {"smollm2_transcoders", "smollm2", "app", "gemma", "smollm
 REAL_MODEL_MODULES = ("test_cli", "test_gemma3")  # subprocesses / fixtures of their own load a real model
 
 
+SHARED_BUILD_FIXTURES = ("smollm2_transcoders", "smollm2_index")  # minutes to build: one worker builds each
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     """Tiers by what a test loads: browser (Chromium), app (AppTest pages), integration
-    (a real model), else unit."""
+    (a real model), else unit. Under ``pytest -n N --dist loadgroup`` a module's tests stay on
+    one worker (its module fixtures and the process caches are computed once), and the tests
+    of each expensive session fixture share one worker, which builds it once."""
     for item in items:
+        item.add_marker(pytest.mark.xdist_group(_worker_group(item)))
         if item.get_closest_marker("browser"):
             continue
         if item.module.__name__.endswith("test_app"):
@@ -72,6 +82,11 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
         else:
             item.add_marker(pytest.mark.unit)
+
+
+def _worker_group(item: pytest.Item) -> str:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    return next((name for name in SHARED_BUILD_FIXTURES if name in fixtures), item.module.__name__)
 
 
 SMOLLM2_INDEX_TOKENS = 20_000  # ~70 s on 2 CPU cores; the default index (250k tokens) is for users and bench

@@ -171,7 +171,9 @@ def test_eap_ig_equals_an_independent_implementation(family, normalize_small_spa
         r = names.receivers.index(receiver)
         expected = independent_eap_ig(handle, 3, site, layer)
         upstream = names.upstream[r]
-        np.testing.assert_allclose(scored.scores[:upstream, r].sum(-1), expected[:upstream], rtol=1e-3, atol=1e-6)
+        # float32 noise divided by the tiny model's small span (~1e-5 of the largest score)
+        np.testing.assert_allclose(scored.scores[:upstream, r].sum(-1), expected[:upstream], rtol=1e-3,
+                                   atol=1e-4 * np.abs(expected[:upstream]).max())
     eap = score_pair(handle, CLEAN, CORRUPT, " Mary", " John", "eap")
     assert not np.allclose(eap.scores, scored.scores)
     assert (scored.scores[~scored.allowed] == 0).all()

@@ -2,6 +2,8 @@
 RelP equals the LRP rules applied by an independent forward (tests/manual.py); pairs, their
 default tokens and the refusal to normalize a metric the corruption barely moves."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -178,9 +180,11 @@ def test_exact_time_is_the_computation_s_also_when_the_grids_were_streamed_first
     time shown must be what the grids cost, not the cache read (it showed 0.00 s)."""
     streamed = [exact_grid(tiny_llama, CLEAN, CORRUPT, " Mary", " John", site) for site in patching_module.SITES]
     result = patching(tiny_llama, CLEAN, CORRUPT, " Mary", " John", methods=("exact",))
+    start = time.perf_counter()
     costs = [patching_module.timed_exact_grid(tiny_llama, CLEAN, CORRUPT, " Mary", " John", site)[1]
              for site in patching_module.SITES]
-    assert all(cost > 0.005 for cost in costs)  # a cache read takes microseconds
+    reading = time.perf_counter() - start  # four cache reads
+    assert min(costs) > reading  # each grid's computation, not the time of reading it
     assert result.seconds["exact"] == pytest.approx(sum(costs))
     np.testing.assert_allclose(result.grids["heads"]["exact"], streamed[-1], rtol=1e-6)  # stored as float32
 
