@@ -451,13 +451,15 @@ def section_index_full() -> dict:
 
 
 # In the page, from navigation start (performance.now()): the first animation frame in which
-# a result figure (a Plotly SVG outside a figure frame, or a table) is laid out, i.e. the
-# frame that paints it. Playwright's own wait sees it later: its check is queued behind the
-# page's long tasks and answers over CDP (0.1-0.5 s later on 2 busy cores).
+# a result figure (a Plotly SVG outside a figure frame, a table, or an HTML figure of class
+# RESULT_CLASS) is laid out, i.e. the frame that paints it. Playwright's own wait sees it
+# later: its check is queued behind the page's long tasks and answers over CDP (0.1-0.5 s
+# later on 2 busy cores).
 FIRST_RESULT_JS = """
 window.__firstResult = null;
 const tick = () => {
-  for (const el of document.querySelectorAll("[data-testid='stPlotlyChart'] .main-svg, [data-testid='stDataFrame']")) {
+  for (const el of document.querySelectorAll(
+      "[data-testid='stPlotlyChart'] .main-svg, [data-testid='stDataFrame'], .RESULT_CLASS")) {
     if (!el.closest("[class*='st-key-frame_']") && el.getClientRects().length > 0) {
       window.__firstResult = performance.now();
       return;
@@ -467,6 +469,12 @@ const tick = () => {
 };
 requestAnimationFrame(tick);
 """
+
+
+def first_result_js() -> str:
+    from components.tokens import RESULT_CLASS
+
+    return FIRST_RESULT_JS.replace("RESULT_CLASS", RESULT_CLASS)
 
 
 def section_browser() -> dict:
@@ -499,7 +507,7 @@ def section_browser() -> dict:
             chromium_page(height=1400) as page:
         page.goto(f"{url}/inspector?prompt=warm+up")  # load the model once
         page.locator(figure).first.wait_for(timeout=300_000)
-        page.add_init_script(FIRST_RESULT_JS)
+        page.add_init_script(first_result_js())
         for prompt in prompts:
             query = urllib.parse.urlencode({"prompt": prompt})
             for path in pages:
@@ -566,7 +574,7 @@ def _first_visit(url: str, path: str, prompt: str) -> float:
     from tests.browser import chromium_page, wait_until_idle
 
     with chromium_page(height=1400) as page:
-        page.add_init_script(FIRST_RESULT_JS)
+        page.add_init_script(first_result_js())
         page.goto(f"{url}/{path}?" + urllib.parse.urlencode({"prompt": prompt}))
         page.wait_for_function("window.__firstResult !== null", timeout=600_000)
         seconds = page.evaluate("window.__firstResult") / 1000

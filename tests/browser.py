@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from components.tokens import RESULT_CLASS
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -26,9 +28,9 @@ CHROMIUM_ARGS = [
 ]
 
 # A drawn result: a Plotly figure's SVG outside a figure frame (views.common.figure_frame:
-# the axes of a figure still being computed), or a table.
+# the axes of a figure still being computed), a table, or an HTML figure (the inspector's bars).
 RESULT = ("[data-testid='stPlotlyChart']:not([class*='st-key-frame_'] *) .main-svg:visible, "
-          "[data-testid='stDataFrame']:visible")
+          f"[data-testid='stDataFrame']:visible, .{RESULT_CLASS}:visible")
 
 
 def require_chromium() -> None:

@@ -1,11 +1,13 @@
 """Page tests with streamlit's AppTest: the inspector on the real model, URL state, bad input."""
 
+import re
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from backend.runtime.prompts import with_bos
+from components.tokens import RESULT_CLASS
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -26,6 +28,10 @@ def test_default_prompt_predicts_mary(app):
     assert not app.exception and not app.error
     assert metrics(app)["Target"] == "␣Mary"
     assert app.query_params["prompt"] in (IOI, [IOI])
+    distribution = next(m.value for m in app.markdown if RESULT_CLASS in m.value)
+    rows = re.findall(r"white-space:pre'>(.*?) <small", distribution)
+    assert len(rows) == 20 and rows[0] == "␣Mary" and "␣John" in rows[:5]
+    assert distribution.index("#d62728") < distribution.index("␣John")  # the target's row (the first) in red
 
 
 def test_url_state_seeds_the_sidebar(app):

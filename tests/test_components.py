@@ -1,5 +1,7 @@
 """Components: selection handlers (AppTest cannot click plotly) and figure builders."""
 
+import re
+
 import numpy as np
 
 from backend.graphs.neuronpedia import GraphNode
@@ -144,3 +146,14 @@ def test_the_template_gives_figures_the_apps_font():
         assert figure.layout.template.layout.xaxis.automargin and figure.layout.template.layout.yaxis.automargin
     finally:
         pio.templates.default = default
+
+
+def test_probability_bars_are_escaped_scaled_to_the_top_and_mark_the_target():
+    from components.tokens import RESULT_CLASS, probability_bars_html
+
+    predictions = [{"token": " Mary", "id": 5, "prob": 0.5}, {"token": "<b>", "id": 7, "prob": 0.125}]
+    table = probability_bars_html(predictions, highlight_id=7)
+    assert RESULT_CLASS in table and "&lt;b&gt;" in table and "<b>" not in table  # the token escaped
+    widths = re.findall(r"background:(#\w+);height:0.9em;width:([\d.]+)%", table)
+    assert widths == [("#1f77b4", "100.0"), ("#d62728", "25.0")]  # relative to the top; the target red
+    assert table.index("␣Mary") < table.index("&lt;b&gt;") and "0.125" in table

@@ -5,8 +5,7 @@ import streamlit as st
 
 from backend.analyses.inspect_prompt import inspect_prompt
 from backend.runtime.prompts import with_bos
-from components.charts import top_tokens_bar
-from components.tokens import escape_markdown, token_chips_html, token_rows, visible
+from components.tokens import escape_markdown, probability_bars_html, token_chips_html, token_rows, visible
 from views.common import current, show_user_errors
 
 st.title("Prompt inspector")
@@ -28,7 +27,7 @@ if result is not None:
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Next-token distribution (top 20)")
-        st.plotly_chart(top_tokens_bar(result.top_predictions, target["id"]), key="top_tokens", theme=None)
+        st.markdown(probability_bars_html(result.top_predictions, target["id"]), unsafe_allow_html=True)
     with right:
         st.subheader("Greedy continuation")
         st.caption(escape_markdown(selection.prompt) + " …")
