@@ -827,7 +827,38 @@ def machine() -> dict:
     return {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.cuda.is_available(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch_threads_default": torch_threads()}
+            "torch_threads_default": torch_threads(), "speed": cpu_speed()}
+
+
+def cpu_speed() -> dict:
+    """This machine's speed now (browser timings varied 2x between sessions on "2 cores"; what
+    varied most was how much of the second core was there): an fp32 matmul of 1024^3 on one
+    thread and on all cores (``cores_used`` = their ratio: 2.0 when two free cores work in
+    parallel), and a pure-Python loop (the scalar speed a browser's JavaScript also depends
+    on); medians of 5 runs in ms."""
+    import statistics
+
+    import torch
+
+    def median_ms(work) -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            work()
+            times.append(1000 * (time.perf_counter() - start))
+        return round(statistics.median(times), 1)
+
+    threads = torch.get_num_threads()
+    a = torch.randn(1024, 1024)
+    try:
+        torch.set_num_threads(1)
+        one = median_ms(lambda: a @ a)
+        torch.set_num_threads(os.cpu_count() or 1)
+        every = median_ms(lambda: a @ a)
+    finally:
+        torch.set_num_threads(threads)
+    return {"matmul_1024_ms": one, "matmul_1024_all_cores_ms": every, "cores_used": round(one / every, 2),
+            "python_loop_ms": median_ms(lambda: sum(i * i for i in range(2_000_000)))}
 
 
 def markdown(results: dict) -> str:
@@ -875,6 +906,9 @@ def main() -> None:
             print(f"[bench] section {name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
         results["sections"][name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results["sections"][name]["measured_on"] = {  # sections of earlier runs keep their own
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "platform": results["machine"]["platform"],
+            **results["machine"]["speed"]}
         args.out.mkdir(parents=True, exist_ok=True)  # written after each section: a failure keeps the rest
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
         (args.out / "results.md").write_text(markdown(results))
