@@ -8,10 +8,6 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub during tests
 os.environ.setdefault("CIRCUITSCOPE_EXAMPLES", "0")  # no background example builds competing for the CPU
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("CIRCUITSCOPE_DB", os.path.join(tempfile.mkdtemp(prefix="circuitscope-"), "gallery.sqlite"))
-os.environ.setdefault("CIRCUITSCOPE_INDEX_DIR", tempfile.mkdtemp(prefix="circuitscope-index-"))  # never the user's
-os.environ.setdefault("CIRCUITSCOPE_TRANSCODERS_DIR",  # never the user's default set: tests choose theirs
-                      os.path.join(tempfile.mkdtemp(prefix="circuitscope-tc-"), "smollm2-default"))
 os.environ.setdefault("CIRCUITSCOPE_INDEX_AUTOBUILD", "0")  # pages do not start index builds during tests
 
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // int(  # pytest -n: workers share the cores
@@ -20,6 +16,29 @@ os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // int
 import pytest
 
 from tests.tiny import FAMILIES, tiny_handle
+
+# This test process's own gallery, index root and default transcoder folder (never the user's).
+SCRATCH = {
+    "CIRCUITSCOPE_DB": lambda: os.path.join(tempfile.mkdtemp(prefix="circuitscope-"), "gallery.sqlite"),
+    "CIRCUITSCOPE_INDEX_DIR": lambda: tempfile.mkdtemp(prefix="circuitscope-index-"),
+    "CIRCUITSCOPE_TRANSCODERS_DIR": lambda: os.path.join(tempfile.mkdtemp(prefix="circuitscope-tc-"),
+                                                         "smollm2-default"),  # tests choose their sets
+}
+
+
+def use_scratch_folders(replace: bool) -> None:
+    for name, make in SCRATCH.items():
+        if replace or name not in os.environ:
+            os.environ[name] = make()
+
+
+use_scratch_folders(replace=False)
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # an xdist worker inherited the controller's folders: its own instead
+        use_scratch_folders(replace=True)
+
 
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
 FRANCE_PROMPT = "The capital of France is"
