@@ -10,10 +10,8 @@ os.environ.setdefault("CIRCUITSCOPE_EXAMPLES", "0")  # no background example bui
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("CIRCUITSCOPE_INDEX_AUTOBUILD", "0")  # pages do not start index builds during tests
 
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // int(  # pytest -n: workers share the cores
-    os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
-
 import pytest
+import torch
 
 from tests.tiny import FAMILIES, tiny_handle
 
@@ -36,8 +34,10 @@ use_scratch_folders(replace=False)
 
 
 def pytest_configure(config):
-    if hasattr(config, "workerinput"):  # an xdist worker inherited the controller's folders: its own instead
-        use_scratch_folders(replace=True)
+    if hasattr(config, "workerinput"):  # an xdist worker (pytest -n N)
+        use_scratch_folders(replace=True)  # it inherited the controller's folders: its own instead
+        workers = int(config.workerinput["workercount"])
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // workers))  # the workers share the cores
 
 
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
