@@ -6,11 +6,8 @@ import math
 
 import plotly.graph_objects as go
 
-from .theme import label_margins
+from .theme import BASE, HIGHLIGHT, label_margins
 from .tokens import visible
-
-HIGHLIGHT = "#d62728"
-BASE = "#1f77b4"
 
 
 def top_tokens_bar(predictions: list[dict], highlight_id: int | None = None, title: str = "") -> go.Figure:

@@ -16,6 +16,8 @@ NAME = "circuitscope"
 FONT = '"Source Sans", "Source Sans Pro", sans-serif'  # the app's own font (Streamlit's @font-face name)
 TEXT = "#31333F"
 GRID = "#e6eaf1"
+HIGHLIGHT = "#d62728"  # the target token, negative values
+BASE = "#1f77b4"  # other tokens, positive values
 COLORWAY = ["#0068c9", "#ff2b2b", "#29b09d", "#ff8700", "#7defa1", "#83c9ff", "#6d3fc0", "#ffd16a", "#ffabab"]
 
 TEMPLATE = go.layout.Template(layout={

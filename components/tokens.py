@@ -1,9 +1,11 @@
-"""Token displays: visible whitespace, chips with positions and ids, a table."""
+"""Token displays: visible whitespace, chips with positions and ids, a table, next-token bars."""
 
 from __future__ import annotations
 
 import html
 import re
+
+from .theme import BASE, HIGHLIGHT
 
 
 def visible(token: str) -> str:
@@ -33,7 +35,7 @@ def probability_bars_html(predictions: list[dict], highlight_id: int | None = No
     top = max((p["prob"] for p in predictions), default=0.0) or 1.0
     rows = []
     for rank, p in enumerate(predictions, 1):
-        colour = "#d62728" if p["id"] == highlight_id else "#1f77b4"
+        colour = HIGHLIGHT if p["id"] == highlight_id else BASE
         rows.append(
             f"<tr><td style='color:#888;text-align:right'>{rank}</td>"
             f"<td style='font-family:monospace;white-space:pre'>{html.escape(visible(p['token']))} "
